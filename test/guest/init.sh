@@ -1,0 +1,39 @@
+#!/bin/busybox sh
+# ftkvm test guest /init (busybox initramfs, Debian cloud kernel).
+# Kernel command line knobs:
+#   ftkvm.ip=ADDR/PREFIX   address of eth0 (default: no network service)
+#   ftkvm.tick_ms=N        disk counter period (default 100)
+#   ftkvm.dirty_mib=N      also run a memory-dirtying loop over N MiB, printing "work N" (bench)
+# Disk layout (/dev/vda, 512-byte sectors, read with O_DIRECT so values come from the disk):
+#   sector 0: tick counter      sector 8: transaction counter
+# Serial console lines the tests parse:
+#   GUEST-UP <uptime> <ip>           once, when the services run
+#   tick N disk=M                    every tick: N in memory, M read back from the disk after the fsync
+#   txn V                            every acknowledged transaction (V = durable counter)
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk; do
+  [ -f /lib/modules/$m.ko ] && { insmod /lib/modules/$m.ko || echo "insmod $m FAILED" > /dev/ttyS0; }
+done
+arg() { sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p" /proc/cmdline; }
+IP=$(arg ftkvm.ip); TICK_MS=$(arg ftkvm.tick_ms); DIRTY=$(arg ftkvm.dirty_mib)
+TICK_MS=${TICK_MS:-100}
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+[ -b /dev/vda ] || { echo "GUEST-ERROR no /dev/vda" > /dev/ttyS0; }
+ip link set lo up
+if [ -n "$IP" ]; then
+  ip link set eth0 up; ip addr add "$IP" dev eth0
+  # persistent server: one forked handler per connection
+  nc -ll -p 7000 -e /bin/txn-handler &
+fi
+if [ -n "$DIRTY" ]; then /bin/dirty-loop "$DIRTY" & fi
+echo "GUEST-UP $(cut -d' ' -f1 /proc/uptime) ${IP:-no-ip}" > /dev/ttyS0
+readsec() { dd if=/dev/vda bs=512 skip=$1 count=1 iflag=direct 2>/dev/null | tr -dc '0-9'; }
+n=$(readsec 0); n=${n:-0}
+period=$(awk "BEGIN{printf \"%.3f\", $TICK_MS/1000}")
+while true; do
+  n=$((n+1))
+  printf '%s\n' "$n" | dd of=/dev/vda bs=512 count=1 conv=notrunc,sync,fsync 2>/dev/null
+  echo "tick $n disk=$(readsec 0)" > /dev/ttyS0
+  sleep "$period"
+done
