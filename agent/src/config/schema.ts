@@ -1,0 +1,117 @@
+// The agent's configuration (/etc/ftkvm/agent.yaml). Field names are the YAML names so that
+// every error message can point at exactly what the operator wrote.
+import { isIP } from 'node:net';
+import { z } from 'zod';
+import { DEFAULT_API_PORT, DEFAULT_HEARTBEAT_PORT, VM_PORT_SPAN } from '../colo/ports.ts';
+
+const ip = z.string().refine((s) => isIP(s) !== 0, (s) => ({ message: `not an IP address: "${s}"` }));
+const port = z.number().int().min(1).max(65535);
+const ms = (min: number, max: number) => z.number().int().min(min).max(max);
+const absPath = z.string().min(1).refine((s) => s.startsWith('/'), (s) => ({ message: `must be an absolute path: "${s}"` }));
+const nodeName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'must be 1-63 letters, digits, ".", "_" or "-"');
+const ifName = z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'must be a Linux interface name (1-15 characters)');
+const hostPort = z.string().refine((s) => parseHostPort(s) !== null,
+  (s) => ({ message: `expected ADDRESS:PORT with an IP address (e.g. 0.0.0.0:${DEFAULT_API_PORT} or [::]:${DEFAULT_API_PORT}), got "${s}"` }));
+const cidr = z.string().refine((s) => parseCidr(s) !== null, (s) => ({ message: `expected an IP or CIDR (e.g. 10.0.0.0/24), got "${s}"` }));
+
+export function parseHostPort(s: string): { host: string; port: number } | null {
+  const m = /^\[([^\]]+)\]:(\d+)$/.exec(s) ?? /^([^:]+):(\d+)$/.exec(s);
+  if (!m) return null;
+  const host = m[1]!, p = Number(m[2]);
+  if (isIP(host) === 0 || !Number.isInteger(p) || p < 1 || p > 65535) return null;
+  return { host, port: p };
+}
+
+export function parseCidr(s: string): { addr: string; bits: number } | null {
+  const [addr, b] = s.split('/');
+  if (!addr) return null;
+  const fam = isIP(addr);
+  if (fam === 0) return null;
+  const max = fam === 4 ? 32 : 128;
+  const bits = b === undefined ? max : Number(b);
+  if (!Number.isInteger(bits) || bits < 0 || bits > max) return null;
+  return { addr, bits };
+}
+
+const vm = z.object({
+  name: z.string().regex(/^[a-z][a-z0-9-]{0,30}$/, 'must be lowercase letters, digits and "-", starting with a letter, at most 31 characters'),
+  memory_mib: z.number().int().min(64).max(4 * 1024 * 1024),
+  vcpus: z.number().int().min(1).max(1024),
+  disk: z.object({
+    path: absPath,
+    format: z.enum(['qcow2', 'raw']).default('qcow2'),
+  }).strict(),
+  boot: z.union([
+    z.object({ kernel: absPath, initrd: absPath.optional(), append: z.string().default('') }).strict(),
+    z.object({ firmware: z.enum(['bios']) }).strict(),
+  ], { errorMap: () => ({ message: 'expected either {kernel, initrd?, append?} (direct kernel boot) or {firmware: bios}' }) }),
+  nic: z.object({
+    bridge: ifName,
+    mac: z.string().regex(/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/, 'must be a lowercase MAC address like 52:54:00:12:34:56')
+      .refine((m) => (parseInt(m.slice(0, 2), 16) & 1) === 0, 'must be a unicast MAC (first octet even)'),
+    tap: ifName.optional(),
+  }).strict(),
+  base_port: z.number().int().min(1024).max(65535 - VM_PORT_SPAN),
+  preferred_primary: nodeName,
+  checkpoint_delay_ms: ms(100, 60_000).optional(),
+  probe: z.object({ address: ip, port }).strict().optional(),
+}).strict();
+
+export const configSchema = z.object({
+  node: z.object({
+    name: nodeName,
+    replication_address: ip,
+  }).strict(),
+  peer: z.object({
+    name: nodeName,
+    addresses: z.array(ip).min(2, 'at least two addresses (e.g. replication and management networks) so one cut link never looks like a dead peer'),
+    replication_address: ip,
+    api_port: port.optional(),
+    heartbeat_port: port.optional(),
+  }).strict(),
+  heartbeat: z.object({
+    port: port.default(DEFAULT_HEARTBEAT_PORT),
+    listen_address: ip.default('0.0.0.0'),
+    interval_ms: ms(10, 5_000).default(100),
+    timeout_ms: ms(30, 60_000).default(500),
+  }).strict().default({}),
+  api: z.object({
+    listen: hostPort.default(`0.0.0.0:${DEFAULT_API_PORT}`),
+    token_file: absPath.default('/etc/ftkvm/token'),
+    read_allow: z.array(cidr).optional(),
+    tls: z.object({ cert_file: absPath, key_file: absPath, ca_file: absPath.optional() }).strict().optional(),
+    max_body_bytes: z.number().int().min(256).max(16 * 1024 * 1024).default(64 * 1024),
+    max_concurrent_drills: z.number().int().min(1).max(64).default(1),
+  }).strict().default({}),
+  qemu: z.object({
+    binary: absPath.default('/usr/bin/qemu-system-x86_64'),
+    img_binary: absPath.default('/usr/bin/qemu-img'),
+    accelerator: z.enum(['kvm', 'tcg']).default('kvm'),
+    machine: z.string().regex(/^[a-z0-9.-]+$/).default('pc'),
+    env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'environment variable names only'), z.string()).default({}),
+    extra_args: z.array(z.string()).default([]),
+  }).strict().default({}),
+  state_dir: absPath.default('/var/lib/ftkvm'),
+  colo: z.object({
+    checkpoint_delay_ms: ms(100, 60_000).default(2000),
+    startup_peer_wait_ms: ms(0, 600_000).default(15_000),
+    resync_retry_min_ms: ms(100, 600_000).default(2_000),
+    resync_retry_max_ms: ms(100, 3_600_000).default(60_000),
+    checkpoint_stall_ms: ms(1_000, 600_000).optional(),
+    // A sustained checkpoint rate above this (outputs keep mismatching) marks the secondary
+    // sick: it is rebuilt. 0 disables the check.
+    storm_checkpoints_per_s: z.number().min(0).max(1000).default(4),
+    storm_window_s: z.number().int().min(5).max(3600).default(30),
+  }).strict().default({}),
+  witness: z.object({
+    url: z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL').optional(),
+    lease_ms: ms(500, 600_000).default(3_000),
+    two_node_mode: z.boolean().default(false),
+  }).strict(),
+  log_level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
+  vms: z.array(vm).default([]),
+}).strict();
+
+export type Config = z.infer<typeof configSchema>;
+export type VmConfig = Config['vms'][number];
+export type KernelBoot = Extract<VmConfig['boot'], { kernel: string }>;
