@@ -1,0 +1,48 @@
+// Durable per-node state: for each VM the highest epoch this node knows and the epoch at
+// which this node last became primary. Used to elect who boots a VM after a cold start (the
+// last primary has the authoritative disk) and to refuse a stale primary.
+import { join } from 'node:path';
+import { readJsonFile, writeFileAtomic } from './atomic.ts';
+
+export type DurableRole = 'primary' | 'secondary' | 'none';
+
+export interface VmDurable {
+  epoch: number;          // highest generation known (own promotions and the peer's)
+  primaryEpoch: number;   // epoch of this node's latest promotion; 0 = never primary
+  role: DurableRole;      // role when last written
+  fenced?: boolean;       // primary paused because it lost peer and witness: never resume blindly
+  updatedAt: number;
+}
+
+export interface NodeStateFile { version: 1; node: string; vms: Record<string, VmDurable> }
+
+export class StateStore {
+  private readonly path: string;
+  private data: NodeStateFile;
+
+  constructor(stateDir: string, node: string) {
+    this.path = join(stateDir, 'state.json');
+    const existing = readJsonFile<NodeStateFile>(this.path);
+    if (existing && existing.node !== node) {
+      throw new Error(`${this.path} belongs to node "${existing.node}", not "${node}" (wrong state_dir or node.name?)`);
+    }
+    this.data = existing ?? { version: 1, node, vms: {} };
+  }
+
+  get file(): string { return this.path; }
+
+  vm(name: string): VmDurable {
+    return this.data.vms[name] ?? { epoch: 0, primaryEpoch: 0, role: 'none', updatedAt: 0 };
+  }
+
+  /** Writes through (atomic + fsync) before returning: callers act only on persisted state. */
+  update(name: string, patch: Partial<Omit<VmDurable, 'updatedAt'>>): VmDurable {
+    const next = { ...this.vm(name), ...patch, updatedAt: Date.now() };
+    next.epoch = Math.max(next.epoch, next.primaryEpoch);
+    this.data = { ...this.data, vms: { ...this.data.vms, [name]: next } };
+    writeFileAtomic(this.path, JSON.stringify(this.data, null, 2) + '\n');
+    return next;
+  }
+
+  snapshot(): NodeStateFile { return structuredClone(this.data); }
+}
