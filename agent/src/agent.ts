@@ -1,0 +1,223 @@
+// The agent: wires configuration, QEMU probe, durable state, heartbeats, the promotion gate,
+// one controller per VM and the HTTP API. All I/O comes in through `AgentDeps`.
+import { readFileSync } from 'node:fs';
+import { createServer as createHttpServer, type Server } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import type { Config } from './config/schema.ts';
+import { parseHostPort } from './config/schema.ts';
+import { peerApiPort, peerHeartbeatPort } from './config/load.ts';
+import type { Logger } from './log/logger.ts';
+import { Metrics } from './api/metrics.ts';
+import { createRouter } from './api/http.ts';
+import { buildRoutes } from './api/routes.ts';
+import { HeartbeatService, type PeerView } from './peer/heartbeat.ts';
+import { PeerClient } from './peer/client.ts';
+import { probeHost, type Reachability } from './peer/reachability.ts';
+import { probeQemu, QemuNotColoCapableError, type ProbeResult } from './qemu/probe.ts';
+import { StateStore } from './state/store.ts';
+import type { Clock } from './util/clock.ts';
+import type { Exec } from './util/exec.ts';
+import { FtkvmError, errorMessage } from './util/errors.ts';
+import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
+import { VmController, type VmStatus } from './colo/vm.ts';
+import { VERSION, COMMIT } from './version.ts';
+
+export interface AgentDeps {
+  config: Config;
+  configPath: string;
+  log: Logger;
+  clock: Clock;
+  exec: Exec;
+  /** Builds the witness gate (witness/client.ts); undefined → two-node gate. */
+  makeGate?: (c: Config, log: Logger) => PromotionGate;
+}
+
+export interface HealthReport {
+  healthy: boolean;
+  node: string;
+  problems: { subject: string; reason: string }[];
+  warnings: { subject: string; reason: string }[];
+}
+
+export interface StatusReport {
+  node: string;
+  agent: { version: string; commit: string; startedAt: number; uptimeS: number; configPath: string; qemu: { binary: string; version: string } | null };
+  peer: { name: string } & PeerView;
+  witness: WitnessStatus;
+  vms: VmStatus[];
+}
+
+export class Agent {
+  readonly d: AgentDeps;
+  readonly c: Config;
+  readonly log: Logger;
+  readonly metrics = new Metrics();
+  readonly controllers = new Map<string, VmController>();
+  private token = '';
+  private store!: StateStore;
+  private heartbeat!: HeartbeatService;
+  private peer!: PeerClient;
+  gate!: PromotionGate;
+  private probe: ProbeResult | null = null;
+  private server: Server | undefined;
+  private loop: NodeJS.Timeout | undefined;
+  private startedAt = 0;
+  private startMono = 0;
+  private heardPeer = false;
+  private hostProbeCache: { at: number; p: Promise<Reachability> } | undefined;
+
+  constructor(d: AgentDeps) {
+    this.d = d;
+    this.c = d.config;
+    this.log = d.log;
+  }
+
+  readToken(): string { return this.token; }
+
+  async start(): Promise<void> {
+    const c = this.c;
+    this.startedAt = this.d.clock.now();
+    this.startMono = this.d.clock.mono();
+    this.token = readFileSync(c.api.token_file, 'utf8').trim();
+    if (this.token.length < 16) throw new FtkvmError('TOKEN_WEAK', `${c.api.token_file}: token must be at least 16 characters`);
+    this.probe = await probeQemu(c.qemu.binary, c.qemu.accelerator, c.qemu.env, this.log);
+    if (this.probe.problems.length > 0) throw new QemuNotColoCapableError(this.probe);
+    this.store = new StateStore(c.state_dir, c.node.name);
+    this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness')) : new TwoNodeGate();
+    if (this.gate.mode === 'two-node') this.log.warn('two-node mode: no witness; a network partition between the hosts can make both run a VM (split brain)');
+    this.peer = new PeerClient({
+      addresses: c.peer.addresses, port: peerApiPort(c), token: () => this.token,
+      tls: c.api.tls ? { caFile: c.api.tls.ca_file } : undefined,
+      preferred: () => this.preferredPaths(),
+    });
+    this.heartbeat = new HeartbeatService({
+      node: c.node.name, peer: c.peer.name, peerAddresses: c.peer.addresses, peerPort: peerHeartbeatPort(c),
+      listenAddress: c.heartbeat.listen_address, listenPort: c.heartbeat.port,
+      intervalMs: c.heartbeat.interval_ms, timeoutMs: c.heartbeat.timeout_ms, key: this.token,
+      clock: this.d.clock, log: this.log.child('heartbeat'),
+      summaries: () => Object.fromEntries([...this.controllers].map(([n, v]) => [n, v.summary()])),
+      onChange: (view) => { if (view.alive) this.heardPeer = true; this.kick(); },
+    });
+    for (const vm of c.vms) {
+      this.controllers.set(vm.name, new VmController({
+        config: c, vm, store: this.store, gate: this.gate, peer: this.peer,
+        peerView: () => this.heartbeat.view(), heardPeerSinceStart: () => this.heardPeer,
+        hostProbe: () => this.hostProbe(), features: this.probe.features,
+        exec: this.d.exec, clock: this.d.clock, log: this.log, metrics: this.metrics, agentStartMono: this.startMono,
+      }));
+    }
+    this.metrics.setSnapshot(() => this.gaugeSnapshot());
+    // Re-attach before anything can decide to start a VM.
+    for (const v of this.controllers.values()) await v.init();
+    await this.listen();
+    await this.heartbeat.start();
+    this.loop = setInterval(() => this.kick(), c.heartbeat.interval_ms);
+    this.log.info('agent started', { node: c.node.name, peer: c.peer.name, vms: c.vms.length, version: VERSION, commit: COMMIT, api: c.api.listen });
+  }
+
+  private kick(): void {
+    for (const v of this.controllers.values()) void v.tick();
+  }
+
+  private preferredPaths(): number[] {
+    const paths = this.heartbeat?.view().paths ?? [];
+    return paths.map((p, i) => ({ i, age: p.lastHeardMs ?? Infinity })).sort((a, b) => a.age - b.age).map((x) => x.i);
+  }
+
+  /** Is the peer host up? Cached briefly: several VMs ask in the same control step. */
+  private hostProbe(): Promise<Reachability> {
+    const now = this.d.clock.mono();
+    if (!this.hostProbeCache || now - this.hostProbeCache.at > this.c.heartbeat.interval_ms) {
+      const timeout = Math.max(50, Math.min(300, Math.floor(this.c.heartbeat.timeout_ms / 2)));
+      this.hostProbeCache = { at: now, p: probeHost(this.c.peer.addresses, peerApiPort(this.c), timeout) };
+    }
+    return this.hostProbeCache.p;
+  }
+
+  private async listen(): Promise<void> {
+    const c = this.c;
+    const handler = createRouter(buildRoutes(this), {
+      token: () => this.token, readAllow: c.api.read_allow, maxBodyBytes: c.api.max_body_bytes,
+      onError: (e, req) => this.log.error('API handler error', { path: req.url, error: errorMessage(e) }),
+    });
+    const { host, port } = parseHostPort(c.api.listen)!;
+    const server = c.api.tls
+      ? createHttpsServer({ cert: readFileSync(c.api.tls.cert_file), key: readFileSync(c.api.tls.key_file) }, (q, s) => void handler(q, s))
+      : createHttpServer((q, s) => void handler(q, s));
+    server.headersTimeout = 10_000;
+    server.requestTimeout = 30_000;
+    server.maxHeadersCount = 100;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (e) => reject(new FtkvmError('API_LISTEN_FAILED', `cannot listen on ${c.api.listen}: ${e.message}`, { cause: e })));
+      server.listen(port, host, () => resolve());
+    });
+    server.on('error', (e) => this.log.error('API server error', { error: e.message }));
+    this.server = server;
+  }
+
+  async stop(): Promise<void> {
+    if (this.loop) clearInterval(this.loop);
+    this.heartbeat?.stop();
+    for (const v of this.controllers.values()) v.detach();
+    await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
+    this.server?.closeAllConnections?.();
+    await this.peer?.close();
+    this.log.info('agent stopped; QEMU processes keep running');
+  }
+
+  vm(name: string): VmController | undefined { return this.controllers.get(name); }
+
+  health(): HealthReport {
+    const problems: HealthReport['problems'] = [];
+    const warnings: HealthReport['warnings'] = [];
+    const view = this.heartbeat.view();
+    if (!view.alive) {
+      problems.push({ subject: 'peer', reason: view.lastHeardMs === null
+        ? `peer ${this.c.peer.name} never heard since agent start`
+        : `peer ${this.c.peer.name} silent on all ${view.paths.length} heartbeat paths for ${view.lastHeardMs} ms` });
+    } else {
+      for (const [i, p] of view.paths.entries()) if (!p.up) warnings.push({ subject: `path/${i}`, reason: `heartbeat path ${i} (${p.address}) silent${p.lastHeardMs !== null ? ` for ${p.lastHeardMs} ms` : ''}: redundancy reduced` });
+    }
+    const w = this.gate.status();
+    if (w.mode === 'witness' && !w.reachable) problems.push({ subject: 'witness', reason: `witness ${w.url} unreachable${w.error ? ': ' + w.error : ''}` });
+    if (w.mode === 'two-node') warnings.push({ subject: 'witness', reason: 'two-node mode: no witness, not protected against network partitions' });
+    for (const v of this.controllers.values()) {
+      if (!v.isProtected()) {
+        const s = v.status();
+        problems.push({ subject: `vm/${s.name}`, reason: `${s.state} (${s.role}): ${s.reason}` });
+      }
+    }
+    return { healthy: problems.length === 0, node: this.c.node.name, problems, warnings };
+  }
+
+  status(): StatusReport {
+    const now = this.d.clock.now();
+    return {
+      node: this.c.node.name,
+      agent: {
+        version: VERSION, commit: COMMIT, startedAt: this.startedAt, uptimeS: Math.round((now - this.startedAt) / 1000), configPath: this.d.configPath,
+        qemu: this.probe ? { binary: this.probe.binary, version: `${this.probe.version.major}.${this.probe.version.minor}.${this.probe.version.micro}` } : null,
+      },
+      peer: { name: this.c.peer.name, ...this.heartbeat.view() },
+      witness: this.gate.status(),
+      vms: [...this.controllers.values()].map((v) => v.status()),
+    };
+  }
+
+  private gaugeSnapshot() {
+    const view = this.heartbeat.view();
+    const w = this.gate.status();
+    return {
+      peerUp: view.alive,
+      paths: view.paths.map((p, index) => ({ index, address: p.address, up: p.up, rttMs: p.rttMs })),
+      witnessUp: w.mode === 'witness' ? !!w.reachable : null,
+      vms: [...this.controllers.values()].map((v) => {
+        const s = v.status();
+        return { name: s.name, state: s.state, protected: s.protected, epoch: s.epoch, resyncRemaining: s.resync ? s.resync.bytesTotal - s.resync.bytesDone : null };
+      }),
+    };
+  }
+
+  peerStateFile() { return this.store.snapshot(); }
+  heartbeatRejected(): number { return this.heartbeat.rejected; }
+}

@@ -1,0 +1,41 @@
+export const HELP = `ftkvm-agent — fault-tolerant KVM virtual machines (QEMU COLO) agent
+
+Usage: ftkvm-agent <command> [options]
+
+Commands:
+  run            run the agent (systemd service): supervise QEMU, replicate, fail over, serve the API
+  status         show this node, its peer, witness and every protected VM (--json for scripts)
+  check-config   validate agent.yaml and exit
+  version        print version and git commit
+
+Common options:
+  -c, --config PATH     agent configuration (default /etc/ftkvm/agent.yaml, or $FTKVM_CONFIG)
+      --url URL         talk to this agent API instead of the one in the configuration
+      --token-file PATH bearer token for mutating calls (default: api.token_file of the configuration)
+  -h, --help            help for a command: ftkvm-agent <command> --help
+
+Exit codes: 0 ok, 1 failure, 2 usage or invalid configuration, 3 QEMU lacks COLO support,
+            4 agent unreachable, 5 not healthy / drill failed / request refused`;
+
+const PER: Record<string, string> = {
+  run: `Usage: ftkvm-agent run [--config PATH]
+
+Validates the configuration (refuses to start, exit 2, on any error: the message names the
+file, line and field), probes QEMU for COLO support (exit 3 if missing), re-attaches to QEMU
+processes a previous agent left running, then supervises and replicates every VM.
+QEMU runs in its own process group: stopping or restarting the agent never stops a guest.`,
+  status: `Usage: ftkvm-agent status [--json] [--check] [--config PATH | --url URL]
+
+Per VM: role (primary|secondary|standalone), COLO state, epoch, QEMU state, checkpoints (count,
+last, pause), resync progress and the last failover; plus peer heartbeat paths and witness.
+  --json   machine-readable (status and health in one document)
+  --check  exit 5 when the node is not healthy`,
+  'check-config': `Usage: ftkvm-agent check-config [--config PATH | PATH]
+
+Validates agent.yaml exactly as \`run\` does (schema, addresses, ports, files) and exits 0 or 2.`,
+  version: 'Usage: ftkvm-agent version   (or --version)',
+};
+
+export function commandHelp(cmd: string): string {
+  return PER[cmd] ?? HELP;
+}

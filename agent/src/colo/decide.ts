@@ -1,0 +1,121 @@
+// What should this node do next for one VM? A pure function of what the node knows, so every
+// rule is unit-tested with fabricated inputs. The controller runs the chosen action.
+import type { VmSummary } from '../peer/heartbeat.ts';
+import { isPrimaryState, type VmState } from './states.ts';
+
+/**
+ * alive: heartbeats arrive. agent-down: heartbeats silent but the peer host answers and its
+ * QEMU is still connected to ours (an agent restart: hold on). dead: host silent, or its QEMU
+ * is gone. unknown: never heard since start.
+ */
+export type PeerLiveness = 'alive' | 'agent-down' | 'dead' | 'unknown';
+
+export interface DecideInput {
+  node: string;
+  preferredPrimary: string;
+  state: VmState;
+  busy: boolean;
+  durable: { epoch: number; primaryEpoch: number; fenced: boolean };
+  peer: PeerLiveness;
+  peerVm: VmSummary | undefined;      // last summary the peer sent for this VM
+  msSinceAgentStart: number;
+  startupPeerWaitMs: number;
+  heardPeerSinceStart: boolean;
+  nowMono: number;
+  nextProtectAt: number;               // mono ms; protection attempts back off after failures
+  nextStartAt: number;                 // mono ms; restarts back off after QEMU crash loops
+  msSinceLastCheckpoint: number | null;
+  checkpointStallMs: number;
+  stormReason: string | null;          // primary: checkpoint storm detected
+  takeoverRequested: string | null;    // primary asked us (RPC) to take over now
+}
+
+export type Action =
+  | { kind: 'none'; why: string }
+  | { kind: 'cold-start'; why: string }
+  | { kind: 'protect'; why: string }
+  | { kind: 'drop-secondary'; why: string }
+  | { kind: 'takeover'; why: string }
+  | { kind: 'discard-secondary'; why: string }
+  | { kind: 'demote'; why: string }
+  | { kind: 'check-fence'; why: string };
+
+const none = (why: string): Action => ({ kind: 'none', why });
+
+/** Peer's running primary is newer than ours (split brain after a partition): who yields? */
+function yieldsTo(i: DecideInput): boolean {
+  const theirs = i.peerVm!.epoch, mine = i.durable.epoch;
+  if (theirs !== mine) return theirs > mine;
+  return i.preferredPrimary !== i.node; // equal epochs cannot both be legitimate: the preferred node keeps it
+}
+
+export function decide(i: DecideInput): Action {
+  if (i.busy) return none('an operation is in progress');
+  const pv = i.peerVm;
+  const peerRuns = i.peer === 'alive' && pv !== undefined && pv.qemu && isPrimaryState(pv.state);
+
+  switch (i.state) {
+    case 'stopped': {
+      if (peerRuns) return none(`peer runs the VM (${pv!.state}, epoch ${pv!.epoch}); waiting to become its secondary`);
+      if (i.peer === 'alive' && pv?.qemu && (pv.state === 'secondary' || pv.state === 'taking-over')) {
+        return none('peer holds the replica and takes over; waiting to become its secondary');
+      }
+      if (i.nowMono < i.nextStartAt) return none('restart backoff after QEMU exits');
+      if (i.peer === 'alive' && pv) {
+        // Neither node runs it: the node that was primary most recently has the newest disk.
+        const mine = i.durable.primaryEpoch, theirs = pv.primaryEpoch ?? 0;
+        if (mine > theirs) return { kind: 'cold-start', why: `neither node runs the VM; this node was primary at epoch ${mine} > peer's ${theirs}` };
+        if (mine === theirs && i.preferredPrimary === i.node) return { kind: 'cold-start', why: `neither node runs the VM; equal primary epochs (${mine}) and this node is the preferred primary` };
+        return none(`peer was primary more recently (epoch ${theirs}) or is preferred; it starts the VM`);
+      }
+      if (i.peer === 'agent-down') return none('peer agent is restarting; waiting for it');
+      if (!i.heardPeerSinceStart && i.msSinceAgentStart < i.startupPeerWaitMs) {
+        return none(`waiting up to ${Math.round(i.startupPeerWaitMs / 1000)} s for the peer before deciding alone`);
+      }
+      const d = i.durable;
+      if (d.primaryEpoch >= d.epoch && (d.epoch > 0 || i.preferredPrimary === i.node)) {
+        return { kind: 'cold-start', why: d.epoch > 0 ? `peer unreachable; this node was the last primary (epoch ${d.epoch})` : 'peer unreachable; first start and this node is the preferred primary' };
+      }
+      return none(`peer unreachable and it holds a newer copy (epoch ${d.epoch} > this node's primary epoch ${d.primaryEpoch}); waiting for it`);
+    }
+    case 'standalone': {
+      if (i.peer === 'alive' && pv && pv.qemu && isPrimaryState(pv.state) && yieldsTo(i)) {
+        return { kind: 'demote', why: `peer also runs the VM as primary with epoch ${pv.epoch} (this node: ${i.durable.epoch}); this copy is stale` };
+      }
+      if (i.peer !== 'alive' || !pv) return none('unprotected: peer not available');
+      if (isPrimaryState(pv.state) && pv.qemu) return none('peer also claims the VM; waiting for it to yield');
+      if (i.nowMono < i.nextProtectAt) return none('unprotected: waiting before the next protection attempt');
+      return { kind: 'protect', why: `peer is up and has no replica (peer state ${pv.state})` };
+    }
+    case 'protected': {
+      if (i.peer === 'dead') return { kind: 'drop-secondary', why: 'peer host lost (no heartbeat on any path, host or its QEMU gone)' };
+      if (i.peer === 'alive' && pv) {
+        if (!pv.qemu || !['secondary', 'preparing'].includes(pv.state)) return { kind: 'drop-secondary', why: `peer reports its replica as ${pv.qemu ? pv.state : 'QEMU gone'}` };
+        if (pv.sick) return { kind: 'drop-secondary', why: `secondary is sick: ${pv.sick}` };
+      }
+      if (i.msSinceLastCheckpoint !== null && i.msSinceLastCheckpoint > i.checkpointStallMs) {
+        return { kind: 'drop-secondary', why: `no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms (limit ${i.checkpointStallMs}): secondary stuck` };
+      }
+      if (i.stormReason) return { kind: 'drop-secondary', why: i.stormReason };
+      return none('protected');
+    }
+    case 'secondary': {
+      if (i.takeoverRequested) return { kind: 'takeover', why: i.takeoverRequested };
+      if (i.peer === 'dead') return { kind: 'takeover', why: 'primary host lost (no heartbeat on any path, host or its QEMU gone)' };
+      if (i.peer === 'alive' && pv) {
+        if (!pv.qemu) return { kind: 'takeover', why: `primary's QEMU is gone (peer state ${pv.state})` };
+        if (!['protected', 'syncing'].includes(pv.state)) return { kind: 'discard-secondary', why: `primary no longer replicates to this node (peer state ${pv.state})` };
+      }
+      return none('replicating');
+    }
+    case 'preparing': {
+      if (i.peer === 'dead') return { kind: 'discard-secondary', why: 'primary lost before the replica was complete: this copy is not consistent' };
+      if (i.peer === 'alive' && pv && pv.state !== 'syncing') return { kind: 'discard-secondary', why: `primary is no longer building this replica (peer state ${pv.state})` };
+      return none('waiting for the primary\'s COLO stream');
+    }
+    case 'fenced':
+      return { kind: 'check-fence', why: 'fenced: checking whether this node still owns the current epoch' };
+    default:
+      return none(`in transition (${i.state})`);
+  }
+}

@@ -1,0 +1,704 @@
+// One protected VM on this node: owns its QEMU, its state (one setState that logs
+// `from -> to` with the reason), and runs the actions decide() picks.
+import { closeSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import type { Config, VmConfig } from '../config/schema.ts';
+import { checkpointDelay, checkpointStallMs, tapName } from '../config/load.ts';
+import type { Logger } from '../log/logger.ts';
+import type { Metrics, FailoverReason } from '../api/metrics.ts';
+import type { PeerView, VmSummary } from '../peer/heartbeat.ts';
+import type { PeerClient } from '../peer/client.ts';
+import type { Reachability } from '../peer/reachability.ts';
+import { buildQemuArgv, type LaunchRole, type QemuFeatures } from '../qemu/argv.ts';
+import { vmPaths, type VmPaths } from '../qemu/paths.ts';
+import { forgetProcess, launchQemu, reattachQemu, type ExitInfo, type QemuHandle } from '../qemu/process.ts';
+import { createQcow2, ensureImageSize } from '../qemu/images.ts';
+import { plugTap } from '../qemu/tap.ts';
+import { eventTimeMs, type QmpEvent } from '../qmp/client.ts';
+import { writeFileAtomic } from '../state/atomic.ts';
+import type { StateStore } from '../state/store.ts';
+import type { Clock } from '../util/clock.ts';
+import { FtkvmError, errorMessage } from '../util/errors.ts';
+import type { Exec } from '../util/exec.ts';
+import { CheckpointTracker, type CheckpointSnapshot } from './checkpoints.ts';
+import { decide, type Action, type PeerLiveness } from './decide.ts';
+import type { PromotionGate } from './gate.ts';
+import { vmPorts } from './ports.ts';
+import * as seq from './sequences.ts';
+import { roleOf, isPrimaryState, type Role, type VmState } from './states.ts';
+
+export interface VmControllerDeps {
+  config: Config;
+  vm: VmConfig;
+  store: StateStore;
+  gate: PromotionGate;
+  peer: PeerClient;
+  peerView: () => PeerView;
+  heardPeerSinceStart: () => boolean;
+  hostProbe: () => Promise<Reachability>;
+  features: QemuFeatures;
+  exec: Exec;
+  clock: Clock;
+  log: Logger;
+  metrics: Metrics;
+  agentStartMono: number;
+}
+
+export interface FailoverRecord {
+  at: number;                     // epoch ms when it completed
+  kind: 'takeover' | 'secondary-dropped';
+  reason: string;
+  /** From the last sign of life of the lost side to the end of the sequence (when known). */
+  durationMs: number;
+  detectionMs: number | null;
+  sequenceMs: number;
+}
+
+export interface ResyncProgress {
+  phase: 'preparing-secondary' | 'mirroring' | 'connecting' | 'first-checkpoint';
+  bytesDone: number;
+  bytesTotal: number;
+  rateBytesPerS: number;
+  etaS: number | null;
+  startedAt: number;
+  attempt: number;
+}
+
+export interface VmStatus {
+  name: string;
+  state: VmState;
+  role: Role;
+  since: number;
+  reason: string;
+  decision: string;
+  epoch: number;
+  primaryEpoch: number;
+  protected: boolean;
+  qemu: { pid: number; runState: string; uptimeS: number; reattached: boolean } | null;
+  checkpoints: CheckpointSnapshot;
+  resync: ResyncProgress | null;
+  lastFailover: FailoverRecord | null;
+  lastProtectError: string | null;
+  sick: string | null;
+}
+
+export interface PrepareRequest { epoch: number; sizeBytes: number; primary: string }
+
+export class VmBusyError extends FtkvmError {
+  constructor(vm: string, what: string) { super('VM_BUSY', `${vm}: ${what}`); }
+}
+
+const OOPS = /(Kernel panic|Oops:|BUG: |general protection fault|Call Trace:)/;
+
+export class VmController {
+  readonly name: string;
+  private readonly d: VmControllerDeps;
+  private readonly log: Logger;
+  readonly paths: VmPaths;
+  state: VmState = 'stopped';
+  private stateSince: number;
+  private stateReason = 'agent started';
+  private lastWhy = '';
+  private qemu: QemuHandle | undefined;
+  private runState = 'absent';
+  private readonly ckpt: CheckpointTracker;
+  private lastFailover: FailoverRecord | null = null;
+  private resync: ResyncProgress | null = null;
+  private busy = false;
+  private ticking = false;
+  private takeoverRequested: string | null = null;
+  private nextProtectAt = 0;
+  private protectFailures = 0;
+  private lastProtectError: string | null = null;
+  private nextStartAt = 0;
+  private quickExits = 0;
+  private sick: string | null = null;
+  private serialOffset = 0;
+  private protectedSince = 0;
+  /** Set while this node deliberately kills its own QEMU (drill/switchover), for the exit handler. */
+  private expectedExit: string | null = null;
+  private stopped = false;
+  /** Listeners for state changes (drills wait on them). */
+  private readonly watchers = new Set<(s: VmState, reason: string) => void>();
+
+  constructor(d: VmControllerDeps) {
+    this.d = d;
+    this.name = d.vm.name;
+    this.log = d.log.child('vm', { vm: d.vm.name });
+    this.paths = vmPaths(d.config.state_dir, d.vm.name);
+    this.stateSince = d.clock.now();
+    this.ckpt = new CheckpointTracker(d.config.colo.storm_window_s * 1000, (pause) => this.d.metrics.checkpoint(this.name, pause));
+  }
+
+  // ------------------------------------------------------------------ state
+
+  private setState(to: VmState, reason: string): void {
+    const from = this.state;
+    if (from === to && reason === this.stateReason) return;
+    this.state = to;
+    this.stateSince = this.d.clock.now();
+    this.stateReason = reason;
+    if (from !== to) {
+      this.log.info(`${from} -> ${to}`, { reason });
+      if (to === 'protected') this.protectedSince = this.d.clock.mono();
+      if (to !== 'protected' && to !== 'secondary') this.ckpt.reset();
+    }
+    for (const w of this.watchers) w(to, reason);
+  }
+
+  /** Resolves when pred(state) holds (checked now and on every change) or rejects after timeoutMs. */
+  waitFor(pred: (s: VmState) => boolean, timeoutMs: number, what: string): Promise<VmState> {
+    if (pred(this.state)) return Promise.resolve(this.state);
+    return new Promise((resolve, reject) => {
+      const w = (s: VmState) => { if (pred(s)) { done(); resolve(s); } };
+      const t = setTimeout(() => { done(); reject(new FtkvmError('TIMEOUT', `${this.name}: ${what} did not happen within ${timeoutMs} ms (state ${this.state}: ${this.stateReason})`)); }, timeoutMs);
+      const done = () => { clearTimeout(t); this.watchers.delete(w); };
+      this.watchers.add(w);
+    });
+  }
+
+  private durable() { return this.d.store.vm(this.name); }
+
+  summary(): VmSummary {
+    const dur = this.durable();
+    return {
+      state: this.state,
+      epoch: dur.epoch,
+      primaryEpoch: dur.primaryEpoch,
+      qemu: !!this.qemu && this.qemu.alive(),
+      ...(this.sick ? { sick: this.sick } : {}),
+      checkpoints: this.ckpt.count,
+    };
+  }
+
+  isProtected(): boolean { return this.state === 'protected' || this.state === 'secondary'; }
+
+  status(): VmStatus {
+    const dur = this.durable();
+    const now = this.d.clock.now();
+    return {
+      name: this.name,
+      state: this.state,
+      role: roleOf(this.state),
+      since: this.stateSince,
+      reason: this.stateReason,
+      decision: this.lastWhy,
+      epoch: dur.epoch,
+      primaryEpoch: dur.primaryEpoch,
+      protected: this.isProtected(),
+      qemu: this.qemu ? {
+        pid: this.qemu.pid, runState: this.runState,
+        uptimeS: Math.round((now - this.qemu.record.startedAt) / 1000), reattached: this.qemu.reattached,
+      } : null,
+      checkpoints: this.ckpt.snapshot(now),
+      resync: this.resync,
+      lastFailover: this.lastFailover,
+      lastProtectError: this.lastProtectError,
+      sick: this.sick,
+    };
+  }
+
+  // ------------------------------------------------------------------ QEMU
+
+  private attach(h: QemuHandle, runState: string): void {
+    this.qemu = h;
+    this.runState = runState;
+    h.qmp.on('event', (e) => this.onEvent(e));
+    void h.exited.then((info) => this.onQemuExit(h, info));
+  }
+
+  private onEvent(e: QmpEvent): void {
+    const t = eventTimeMs(e);
+    switch (e.event) {
+      case 'STOP':
+        this.runState = 'paused';
+        if (this.state === 'protected' || this.state === 'secondary') this.ckpt.stop(t);
+        break;
+      case 'RESUME':
+        this.runState = 'running';
+        if (this.state === 'protected' || this.state === 'secondary') this.ckpt.resume(t);
+        else if (this.state === 'preparing') this.setState('secondary', 'COLO running: first checkpoint received from the primary');
+        break;
+      case 'COLO_EXIT':
+        this.log.info('COLO_EXIT', { ...(e.data ?? {}) });
+        if (this.state === 'protected') this.coloExited = `COLO ended in QEMU (${JSON.stringify(e.data ?? {})})`;
+        break;
+      case 'SHUTDOWN':
+        this.log.warn('guest shutdown', { ...(e.data ?? {}) });
+        break;
+      default:
+        break;
+    }
+  }
+
+  private coloExited: string | null = null;
+
+  private onQemuExit(h: QemuHandle, info: ExitInfo): void {
+    if (this.qemu !== h) return;
+    this.qemu = undefined;
+    this.runState = 'absent';
+    h.dispose();
+    forgetProcess(this.paths);
+    const how = 'unknown' in info ? 'exited' : info.signal ? `killed by ${info.signal}` : `exited with code ${info.code}`;
+    const was = this.state;
+    const expected = this.expectedExit;
+    this.expectedExit = null;
+    if (this.stopped) return;
+    if (isPrimaryState(was)) {
+      const lived = this.d.clock.now() - h.record.startedAt;
+      if (lived < 30_000) this.quickExits++; else this.quickExits = 0;
+      const backoff = this.quickExits > 0 ? Math.min(1000 * 2 ** this.quickExits, 60_000) : 0;
+      this.nextStartAt = this.d.clock.mono() + backoff;
+      if (expected) this.log.info(`primary QEMU ${how}`, { why: expected });
+      else this.log.error(`primary QEMU ${how}`, { state: was, restartBackoffMs: backoff });
+      if (was === 'protected' || was === 'syncing' || was === 'dropping') {
+        // The secondary sees this in our next heartbeat; telling it directly saves a few ms.
+        void this.d.peer.call('POST', `/v1/peer/vms/${this.name}/takeover`, { reason: `primary QEMU on ${this.d.config.node.name} ${how}` }, 2000)
+          .catch((err) => this.log.warn('could not notify peer of primary QEMU exit', { error: errorMessage(err) }));
+      }
+      this.setState('stopped', expected ?? `primary QEMU ${how} (was ${was})`);
+    } else {
+      this.log.warn(`secondary QEMU ${how}`, { state: was });
+      this.setState('stopped', expected ?? `secondary QEMU ${how} (was ${was})`);
+    }
+  }
+
+  private async launch(role: LaunchRole, paused: boolean): Promise<QemuHandle> {
+    const argv = buildQemuArgv(this.d.config, this.d.vm, this.paths, { role, paused }, this.d.features);
+    const h = await launchQemu({
+      binary: this.d.config.qemu.binary, argv, env: this.d.config.qemu.env, role, paths: this.paths, log: this.log,
+    });
+    this.attach(h, paused || role === 'secondary' ? 'paused' : 'running');
+    try {
+      await plugTap(this.d.exec, tapName(this.d.vm), this.d.vm.nic.bridge);
+    } catch (e) {
+      await h.killAndWait();
+      throw new FtkvmError('TAP_FAILED', `cannot plug tap ${tapName(this.d.vm)} into bridge ${this.d.vm.nic.bridge}: ${errorMessage(e)}`, { cause: e });
+    }
+    return h;
+  }
+
+  private async killQemu(why: string): Promise<void> {
+    const h = this.qemu;
+    if (!h) return;
+    this.expectedExit = why;
+    await h.killAndWait();
+    // the exit handler runs from the exit promise; make sure state is consistent right away
+    if (this.qemu === h) this.onQemuExit(h, { code: null, signal: 'SIGKILL' });
+  }
+
+  private recordProcessRole(role: LaunchRole): void {
+    if (!this.qemu) return;
+    writeFileAtomic(this.paths.processRecord, JSON.stringify({ ...this.qemu.record, role }));
+  }
+
+  // ------------------------------------------------------------------ start / re-attach
+
+  /** Finds a QEMU a previous agent left running and carries on with it, without touching the guest. */
+  async init(): Promise<void> {
+    let h: QemuHandle | null = null;
+    try {
+      h = await reattachQemu(this.paths, this.log);
+    } catch (e) {
+      this.log.error('a QEMU for this VM runs but does not answer QMP; leaving it alone', { error: errorMessage(e) });
+      this.setState('stopped', `unreachable QEMU left running: ${errorMessage(e)}`);
+      this.busy = true; // never start a second QEMU next to one we cannot control
+      return;
+    }
+    if (!h) {
+      this.setState('stopped', 'no QEMU running for this VM on this node');
+      return;
+    }
+    const q = h.qmp;
+    const st = await q.execute<{ status: string; running: boolean }>('query-status');
+    this.attach(h, st.running ? 'running' : 'paused');
+    if (h.record.role === 'primary') {
+      const mig = await q.execute<{ status?: string }>('query-migrate');
+      if (mig.status === 'colo') {
+        this.setState('protected', 're-attached: COLO running');
+        return;
+      }
+      // Anything else: make sure no half-built replica is left and the guest runs.
+      this.busy = true;
+      try {
+        if (mig.status && ['setup', 'active', 'device', 'pre-switchover', 'postcopy-active'].includes(mig.status)) {
+          this.log.warn('re-attached during an unfinished protection; cancelling it', { migration: mig.status });
+          await q.execute('migrate_cancel').catch(() => undefined);
+        }
+        await seq.primaryDropSecondary(q, { inColo: false });
+        const now = await q.execute<{ status: string; running: boolean }>('query-status');
+        if (!now.running && !this.durable().fenced) {
+          await q.execute('cont');
+          this.log.warn('guest was left paused by an interrupted operation; resumed', { runState: now.status });
+        }
+        this.setState(this.durable().fenced ? 'fenced' : 'standalone', 're-attached: running without a replica');
+      } finally {
+        this.busy = false;
+      }
+    } else {
+      const colo = await q.execute<{ mode: string }>('query-colo-status');
+      if (colo.mode === 'secondary') this.setState('secondary', 're-attached: COLO secondary');
+      else if (st.status === 'inmigrate') this.setState('preparing', 're-attached: secondary waiting for the primary');
+      else if (st.running) {
+        this.recordProcessRole('primary');
+        this.setState('standalone', 're-attached: former secondary that took over');
+      } else {
+        this.setState('preparing', `re-attached: secondary in state ${st.status}`);
+      }
+    }
+  }
+
+  /** Agent shutdown: leave QEMU running (it outlives the agent), just detach. */
+  detach(): void {
+    this.stopped = true;
+    this.qemu?.dispose();
+  }
+
+  // ------------------------------------------------------------------ control loop
+
+  private async liveness(): Promise<PeerLiveness> {
+    const v = this.d.peerView();
+    if (v.alive) return 'alive';
+    if (this.d.clock.mono() - this.d.agentStartMono < this.d.config.heartbeat.timeout_ms) return 'unknown';
+    if ((await this.d.hostProbe()) === 'silent') return 'dead';
+    // The peer host answers but its agent is silent: is its QEMU still talking to ours?
+    if (this.qemu && ['protected', 'secondary', 'preparing', 'syncing'].includes(this.state)) {
+      return (await this.coloChannelUp()) ? 'agent-down' : 'dead';
+    }
+    return 'agent-down';
+  }
+
+  /** The proxy sockets between the two QEMUs: connected while the peer's QEMU lives. */
+  private async coloChannelUp(): Promise<boolean> {
+    const ids = roleOf(this.state) === 'secondary' ? ['red0', 'red1'] : ['mirror0', 'compare1'];
+    try {
+      const devs = await this.qemu!.qmp.execute<{ label: string; filename: string }[]>('query-chardev', undefined, { timeoutMs: 1000 });
+      return ids.every((id) => devs.find((d) => d.label === id)?.filename.includes('<->'));
+    } catch {
+      return true; // QEMU busy (checkpoint): assume alive rather than fail over on a slow answer
+    }
+  }
+
+  private stormReason(): string | null {
+    const limit = this.d.config.colo.storm_checkpoints_per_s;
+    if (limit <= 0 || this.state !== 'protected') return null;
+    const window = this.d.config.colo.storm_window_s * 1000;
+    if (this.d.clock.mono() - this.protectedSince < window) return null;
+    const rate = this.ckpt.snapshot(this.d.clock.now()).ratePerS;
+    return rate > limit ? `checkpoint storm: ${rate.toFixed(1)}/s over ${window / 1000} s (limit ${limit}/s): outputs keep diverging, secondary not trusted` : null;
+  }
+
+  private scanSecondaryConsole(): void {
+    if (this.state !== 'secondary' || this.sick) return;
+    try {
+      const size = statSync(this.paths.serialLog).size;
+      if (size < this.serialOffset) this.serialOffset = 0;
+      if (size === this.serialOffset) return;
+      const len = Math.min(size - this.serialOffset, 256 * 1024);
+      const buf = Buffer.alloc(len);
+      const fd = openSync(this.paths.serialLog, 'r');
+      try { readSync(fd, buf, 0, len, this.serialOffset); } finally { closeSync(fd); }
+      this.serialOffset += len;
+      const line = buf.toString('utf8').split('\n').find((l) => OOPS.test(l));
+      if (line) {
+        this.sick = `guest kernel error on the secondary console: ${line.trim().slice(0, 160)}`;
+        this.log.warn('secondary marked sick', { why: this.sick });
+      }
+    } catch { /* no serial log yet */ }
+  }
+
+  /** One control step: evaluate, decide, act. Called periodically and on events. */
+  async tick(): Promise<void> {
+    if (this.ticking || this.stopped) return;
+    this.ticking = true;
+    try {
+      this.scanSecondaryConsole();
+      if (this.coloExited && this.state === 'protected') {
+        const why = this.coloExited;
+        this.coloExited = null;
+        await this.run({ kind: 'drop-secondary', why });
+        return;
+      }
+      this.coloExited = null;
+      const peer = await this.liveness();
+      const dur = this.durable();
+      const pv = this.d.peerView().vms[this.name];
+      if (pv && pv.epoch > dur.epoch) this.d.store.update(this.name, { epoch: pv.epoch });
+      const action = decide({
+        node: this.d.config.node.name,
+        preferredPrimary: this.d.vm.preferred_primary,
+        state: this.state,
+        busy: this.busy,
+        durable: { epoch: this.durable().epoch, primaryEpoch: dur.primaryEpoch, fenced: !!dur.fenced },
+        peer,
+        peerVm: pv,
+        msSinceAgentStart: this.d.clock.mono() - this.d.agentStartMono,
+        startupPeerWaitMs: this.d.config.colo.startup_peer_wait_ms,
+        heardPeerSinceStart: this.d.heardPeerSinceStart(),
+        nowMono: this.d.clock.mono(),
+        nextProtectAt: this.nextProtectAt,
+        nextStartAt: this.nextStartAt,
+        msSinceLastCheckpoint: this.state === 'protected' ? this.d.clock.now() - (this.ckpt.lastAt ?? this.stateSince) : null,
+        checkpointStallMs: checkpointStallMs(this.d.config, this.d.vm),
+        stormReason: this.stormReason(),
+        takeoverRequested: this.takeoverRequested,
+      });
+      this.lastWhy = action.why;
+      if (action.kind !== 'none') await this.run(action);
+    } catch (e) {
+      this.log.error('control step failed', { error: errorMessage(e) });
+    } finally {
+      this.ticking = false;
+    }
+  }
+
+  private async run(a: Action): Promise<void> {
+    this.busy = true;
+    this.log.info(`decision: ${a.kind}`, { why: a.why });
+    try {
+      switch (a.kind) {
+        case 'cold-start': await this.coldStart(a.why); break;
+        case 'protect': await this.protect(a.why); break;
+        case 'drop-secondary': await this.dropSecondary(a.why); break;
+        case 'takeover': await this.takeover(a.why); break;
+        case 'discard-secondary': await this.killQemu(`secondary discarded: ${a.why}`); this.sick = null; break;
+        case 'demote': await this.demote(a.why); break;
+        case 'check-fence': await this.checkFence(); break;
+        case 'none': break;
+      }
+    } catch (e) {
+      this.log.error(`${a.kind} failed`, { error: errorMessage(e) });
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  // ------------------------------------------------------------------ actions
+
+  private async coldStart(why: string): Promise<void> {
+    const dur = this.durable();
+    const epoch = dur.epoch + 1;
+    this.setState('starting', why);
+    const g = await this.d.gate.acquire(this.name, epoch, why);
+    if (!g.granted) {
+      this.nextStartAt = this.d.clock.mono() + 5000;
+      this.setState('stopped', `not starting: ${g.reason}`);
+      return;
+    }
+    this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
+    // With the peer up, boot paused: the replica is built before the first instruction runs.
+    const peerUp = this.d.peerView().alive;
+    try {
+      await this.launch('primary', peerUp);
+    } catch (e) {
+      this.nextStartAt = this.d.clock.mono() + 5000;
+      this.setState('stopped', `start failed: ${errorMessage(e)}`);
+      return;
+    }
+    this.nextProtectAt = 0;
+    this.setState('standalone', peerUp ? `started paused at epoch ${g.epoch}; protecting before first boot` : `started at epoch ${g.epoch} (${why})`);
+  }
+
+  private primaryAddrs(): seq.PrimaryAddrs {
+    return { local: this.d.config.node.replication_address, peer: this.d.config.peer.replication_address, ports: vmPorts(this.d.vm.base_port) };
+  }
+
+  private async protect(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q) return;
+    const attempt = this.protectFailures + 1;
+    const t0 = this.d.clock.now();
+    this.setState('syncing', `building a replica on ${this.d.config.peer.name} (attempt ${attempt}): ${why}`);
+    this.resync = { phase: 'preparing-secondary', bytesDone: 0, bytesTotal: 0, rateBytesPerS: 0, etaS: null, startedAt: t0, attempt };
+    const a = this.primaryAddrs();
+    let stoppedByUs = false;
+    try {
+      const blk = await q.execute<{ device: string; inserted?: { image: { 'virtual-size': number } } }[]>('query-block');
+      const size = blk.find((b) => b.device === 'colo-disk0')?.inserted?.image['virtual-size'];
+      if (!size) throw new FtkvmError('NO_DISK', 'colo-disk0 not found in query-block');
+      const dur = this.durable();
+      await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/prepare`, { epoch: dur.epoch, sizeBytes: size, primary: this.d.config.node.name } satisfies PrepareRequest, 60_000);
+      this.resync = { ...this.resync, phase: 'mirroring', bytesTotal: size };
+      let lastDone = 0, lastLog = 0;
+      await seq.primaryMirror(q, a, (p) => {
+        const now = this.d.clock.now();
+        const elapsed = Math.max(1, now - t0) / 1000;
+        this.d.metrics.resync(this.name, p.offset - lastDone);
+        lastDone = p.offset;
+        const rate = p.offset / elapsed;
+        this.resync = { ...this.resync!, bytesDone: p.offset, bytesTotal: p.len, rateBytesPerS: Math.round(rate), etaS: rate > 0 ? Math.round((p.len - p.offset) / rate) : null };
+        if (now - lastLog > 5000 || p.ready) {
+          lastLog = now;
+          this.log.info('resync progress', { copied: p.offset, total: p.len, rateMBps: (rate / 1e6).toFixed(1), etaS: this.resync.etaS, ready: p.ready });
+        }
+      }, { timeoutMs: 6 * 3600_000 });
+      this.resync = { ...this.resync, phase: 'connecting' };
+      await seq.primaryAddProxyChardevs(q, a);
+      await seq.primaryWaitSecondaryConnected(q, 15_000);
+      this.resync = { ...this.resync, phase: 'first-checkpoint' };
+      const st = await q.execute<{ running: boolean }>('query-status');
+      const tStop = this.d.clock.now();
+      if (st.running) { await q.execute('stop'); stoppedByUs = true; }
+      await seq.cancelMirror(q);
+      await seq.primaryAttachReplication(q, a);
+      await seq.primaryAddProxyObjects(q);
+      await seq.primaryStartColo(q, a, checkpointDelay(this.d.config, this.d.vm), 120_000);
+      this.ckpt.reset();
+      this.protectFailures = 0;
+      this.lastProtectError = null;
+      this.resync = null;
+      this.d.store.update(this.name, { role: 'primary' });
+      this.setState('protected', `replica on ${this.d.config.peer.name} in sync after ${((this.d.clock.now() - t0) / 1000).toFixed(1)} s (guest paused ${stoppedByUs ? this.d.clock.now() - tStop : 0} ms for the first checkpoint)`);
+    } catch (e) {
+      const msg = errorMessage(e);
+      this.protectFailures++;
+      this.lastProtectError = msg;
+      const backoff = Math.min(this.d.config.colo.resync_retry_min_ms * 2 ** (this.protectFailures - 1), this.d.config.colo.resync_retry_max_ms);
+      this.nextProtectAt = this.d.clock.mono() + backoff;
+      this.log.warn('protection failed; guest continues unprotected', { error: msg, retryInMs: backoff });
+      this.resync = null;
+      await this.cleanupAfterFailedProtect(stoppedByUs);
+      this.setState('standalone', `protection failed (${msg}); retry in ${Math.round(backoff / 1000)} s`);
+    }
+  }
+
+  /** Whatever happened, the guest must not stay paused and no half-built replica may stay attached. */
+  private async cleanupAfterFailedProtect(_stoppedByUs: boolean): Promise<void> {
+    const q = this.qemu?.qmp;
+    void this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: 'protection attempt failed' }, 3000).catch(() => undefined);
+    if (!q) return;
+    try {
+      const mig = await q.execute<{ status?: string }>('query-migrate');
+      if (mig.status && ['setup', 'active', 'device'].includes(mig.status)) await q.execute('migrate_cancel');
+      await seq.primaryDropSecondary(q, { inColo: mig.status === 'colo' });
+    } catch (e) {
+      this.log.error('cleanup after failed protection incomplete', { error: errorMessage(e) });
+    }
+    try {
+      const st = await q.execute<{ running: boolean; status: string }>('query-status');
+      if (!st.running && !this.durable().fenced) {
+        await q.execute('cont');
+        this.log.info('guest resumed after failed protection', { was: st.status });
+      }
+    } catch (e) {
+      this.log.error('could not resume guest after failed protection', { error: errorMessage(e) });
+    }
+  }
+
+  private async dropSecondary(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q) return;
+    const t0 = this.d.clock.now();
+    const lastHeard = this.d.peerView().lastHeardMs;
+    this.setState('dropping', why);
+    // Tell the secondary first (when reachable) so it never takes over with a stale copy.
+    await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why }, 1000).catch(() => undefined);
+    try {
+      await seq.primaryDropSecondary(q, { inColo: true });
+    } catch (e) {
+      this.log.error('dropping the secondary failed halfway', { error: errorMessage(e) });
+    }
+    const st = await q.execute<{ running: boolean }>('query-status').catch(() => ({ running: true }));
+    if (!st.running) await q.execute('cont').catch((e) => this.log.error('cont failed', { error: errorMessage(e) }));
+    const seqMs = this.d.clock.now() - t0;
+    const reason: FailoverReason = /stall/.test(why) ? 'checkpoint-stall' : /storm/.test(why) ? 'checkpoint-storm' : /sick/.test(why) ? 'secondary-sick' : 'secondary-lost';
+    this.d.metrics.failover(this.name, reason);
+    this.lastFailover = { at: this.d.clock.now(), kind: 'secondary-dropped', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };
+    this.nextProtectAt = this.d.clock.mono() + this.d.config.colo.resync_retry_min_ms;
+    this.setState('standalone', `running unprotected: ${why}`);
+  }
+
+  private async takeover(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q) return;
+    const t0 = this.d.clock.now();
+    const lastHeard = this.d.peerView().lastHeardMs;
+    const requested = this.takeoverRequested;
+    this.takeoverRequested = null;
+    this.setState('taking-over', why);
+    const epoch = this.durable().epoch + 1;
+    const g = await this.d.gate.acquire(this.name, epoch, why);
+    if (!g.granted) {
+      this.setState('secondary', `takeover refused by the witness: ${g.reason}`);
+      return;
+    }
+    this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
+    await seq.secondaryTakeover(q);
+    this.recordProcessRole('primary');
+    const seqMs = this.d.clock.now() - t0;
+    await seq.announce(q).catch((e) => this.log.warn('announce-self failed', { error: errorMessage(e) }));
+    this.d.metrics.failover(this.name, requested ? 'requested' : /QEMU is gone/.test(why) ? 'primary-qemu-gone' : 'primary-lost');
+    const detection = requested ? null : lastHeard;
+    this.lastFailover = { at: this.d.clock.now(), kind: 'takeover', reason: why, sequenceMs: seqMs, detectionMs: detection, durationMs: seqMs + (detection ?? 0) };
+    this.log.info('took over as primary', { epoch: g.epoch, sequenceMs: seqMs, detectionMs: detection, why });
+    this.nextProtectAt = 0;
+    this.setState('standalone', `took over at epoch ${g.epoch}: ${why}`);
+  }
+
+  private async demote(why: string): Promise<void> {
+    this.log.error('split brain resolved against this node: discarding its copy of the VM', { why });
+    this.d.store.update(this.name, { role: 'none', fenced: false });
+    await this.killQemu(`stale primary discarded: ${why}`);
+  }
+
+  private async checkFence(): Promise<void> {
+    // Implemented with the witness (issue: split-brain prevention).
+  }
+
+  // ------------------------------------------------------------------ peer RPC handlers
+
+  /** Peer (primary) asks this node to become its secondary. Resolves when ready for the stream. */
+  async prepareSecondary(req: PrepareRequest): Promise<void> {
+    if (isPrimaryState(this.state)) throw new VmBusyError(this.name, `this node runs the VM as ${this.state}; refusing to become a secondary`);
+    if (this.busy) throw new VmBusyError(this.name, 'an operation is in progress');
+    const dur = this.durable();
+    if (req.epoch < dur.epoch) throw new FtkvmError('STALE_EPOCH', `primary's epoch ${req.epoch} is older than this node's ${dur.epoch}`);
+    this.busy = true;
+    try {
+      if (this.qemu) await this.killQemu('replaced by a fresh secondary');
+      this.sick = null;
+      this.serialOffset = 0;
+      this.d.store.update(this.name, { epoch: req.epoch, role: 'secondary', fenced: false });
+      this.setState('preparing', `becoming the secondary of ${req.primary} (epoch ${req.epoch})`);
+      const vm = this.d.vm;
+      const img = this.d.config.qemu.img_binary;
+      const r = await ensureImageSize(this.d.exec, img, vm.disk.path, vm.disk.format, req.sizeBytes);
+      if (r !== 'ok') this.log.info(`local disk image ${r} to ${req.sizeBytes} bytes`, { path: vm.disk.path });
+      for (const f of [this.paths.secondaryActive, this.paths.secondaryHidden]) {
+        rmSync(f, { force: true });
+        await createQcow2(this.d.exec, img, f, req.sizeBytes);
+      }
+      // Skip our own serial history so only the secondary's new output is scanned.
+      try { this.serialOffset = statSync(this.paths.serialLog).size; } catch { this.serialOffset = 0; }
+      const h = await this.launch('secondary', false);
+      await seq.secondaryPrepare(h.qmp, { listen: this.d.config.node.replication_address, ports: vmPorts(vm.base_port) });
+      this.log.info('secondary ready for the COLO stream', { primary: req.primary });
+    } catch (e) {
+      await this.killQemu(`secondary preparation failed: ${errorMessage(e)}`);
+      throw e;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  /** Peer (primary) no longer wants this node's replica. */
+  async release(reason: string): Promise<void> {
+    if (roleOf(this.state) !== 'secondary') return;
+    await this.killQemu(`released by the primary: ${reason}`);
+  }
+
+  /** Peer (primary) tells us its QEMU is gone or hands over (switchover): take over now. */
+  requestTakeover(reason: string): void {
+    if (this.state !== 'secondary') throw new VmBusyError(this.name, `cannot take over from state ${this.state}`);
+    this.takeoverRequested = `requested by the primary: ${reason}`;
+    void this.tick();
+  }
+
+  /** Drill/switchover on the primary: kill this node's QEMU as a crash would. */
+  async crashPrimary(why: string): Promise<number> {
+    if (this.state !== 'protected') throw new VmBusyError(this.name, `not protected (state ${this.state})`);
+    const pid = this.qemu!.pid;
+    this.expectedExit = why;
+    this.qemu!.kill('SIGKILL');
+    return pid;
+  }
+}

@@ -1,0 +1,106 @@
+// ftkvm-agent: one executable, several commands. See `ftkvm-agent --help`.
+import { parseArgs } from 'node:util';
+import { Agent } from './agent.ts';
+import { ConfigError, loadConfigFile } from './config/load.ts';
+import { createLogger } from './log/logger.ts';
+import { QemuNotColoCapableError } from './qemu/probe.ts';
+import { systemClock } from './util/clock.ts';
+import { realExec } from './util/exec.ts';
+import { errorCode, errorMessage } from './util/errors.ts';
+import { resolveTarget } from './cli/api-client.ts';
+import { EXIT } from './cli/exit-codes.ts';
+import { statusCommand } from './cli/status.ts';
+import { HELP, commandHelp } from './cli/help.ts';
+import { VERSION, COMMIT } from './version.ts';
+
+const DEFAULT_CONFIG = '/etc/ftkvm/agent.yaml';
+
+async function runAgent(configPath: string): Promise<number> {
+  let config;
+  try {
+    config = loadConfigFile(configPath);
+  } catch (e) {
+    process.stderr.write(`ftkvm-agent: refusing to start: ${errorMessage(e)}\n`);
+    return EXIT.USAGE;
+  }
+  const log = createLogger({ level: config.log_level });
+  const agent = new Agent({ config, configPath, log, clock: systemClock, exec: realExec });
+  try {
+    await agent.start();
+  } catch (e) {
+    if (e instanceof QemuNotColoCapableError) {
+      process.stderr.write(`ftkvm-agent: refusing to protect VMs: ${e.message}\n`);
+      await agent.stop().catch(() => undefined);
+      return EXIT.QEMU_UNSUPPORTED;
+    }
+    process.stderr.write(`ftkvm-agent: start failed (${errorCode(e)}): ${errorMessage(e)}\n`);
+    await agent.stop().catch(() => undefined);
+    return EXIT.FAILURE;
+  }
+  return await new Promise<number>((resolve) => {
+    const stop = (sig: string) => {
+      log.info(`${sig}: stopping agent (QEMU processes keep running)`);
+      void agent.stop().then(() => resolve(EXIT.OK));
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (!cmd || cmd === '--help' || cmd === '-h' || cmd === 'help') {
+    process.stdout.write((rest[0] ? commandHelp(rest[0]) : HELP) + '\n');
+    return EXIT.OK;
+  }
+  if (cmd === '--version' || cmd === 'version') {
+    process.stdout.write(`ftkvm-agent ${VERSION} (commit ${COMMIT}, node ${process.versions.node})\n`);
+    return EXIT.OK;
+  }
+  const common = {
+    config: { type: 'string', short: 'c' },
+    url: { type: 'string' },
+    'token-file': { type: 'string' },
+    insecure: { type: 'boolean' },
+    json: { type: 'boolean' },
+    help: { type: 'boolean', short: 'h' },
+  } as const;
+  let parsed;
+  try {
+    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' } }, allowPositionals: true, strict: true });
+  } catch (e) {
+    process.stderr.write(`ftkvm-agent ${cmd}: ${errorMessage(e)}\n${commandHelp(cmd)}\n`);
+    return EXIT.USAGE;
+  }
+  const { values: o, positionals } = parsed;
+  if (o.help) { process.stdout.write(commandHelp(cmd) + '\n'); return EXIT.OK; }
+  const target = () => resolveTarget({ config: o.config, url: o.url, tokenFile: o['token-file'], insecure: o.insecure });
+  try {
+    switch (cmd) {
+      case 'run':
+        return await runAgent(o.config ?? DEFAULT_CONFIG);
+      case 'check-config': {
+        const path = o.config ?? positionals[0] ?? DEFAULT_CONFIG;
+        try {
+          const c = loadConfigFile(path);
+          process.stdout.write(`${path}: OK (node ${c.node.name}, peer ${c.peer.name}, ${c.vms.length} VM${c.vms.length === 1 ? '' : 's'})\n`);
+          return EXIT.OK;
+        } catch (e) {
+          process.stderr.write(`${errorMessage(e)}\n`);
+          return e instanceof ConfigError ? EXIT.USAGE : EXIT.FAILURE;
+        }
+      }
+      case 'status':
+        return await statusCommand(target(), { json: !!o.json, check: !!o.check });
+      default:
+        process.stderr.write(`ftkvm-agent: unknown command "${cmd}"\n\n${HELP}\n`);
+        return EXIT.USAGE;
+    }
+  } catch (e) {
+    process.stderr.write(`ftkvm-agent ${cmd}: ${errorMessage(e)}\n`);
+    return errorCode(e) === 'AGENT_UNREACHABLE' ? EXIT.UNREACHABLE : EXIT.FAILURE;
+  }
+}
+
+main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || process.argv[2] !== 'run') setTimeout(() => process.exit(code), 50).unref(); },
+  (e) => { process.stderr.write(`ftkvm-agent: ${errorMessage(e)}\n`); process.exit(EXIT.FAILURE); });

@@ -1,0 +1,186 @@
+// Heartbeats: a UDP datagram to every configured peer address every interval; the peer
+// answers each ping with a pong. Per path we know when we last heard back and the RTT. The
+// peer's agent is "silent" only when NO path delivered anything for the timeout, so one cut
+// link never looks like a dead peer. Datagrams carry the peer's VM summaries and are
+// authenticated with an HMAC over the shared API token.
+import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
+import { createSocket, type Socket } from 'node:dgram';
+import { isIPv6 } from 'node:net';
+import type { Clock } from '../util/clock.ts';
+import type { Logger } from '../log/logger.ts';
+
+export interface VmSummary {
+  state: string;        // the VM's local state on the sender (see colo/vm.ts VmState)
+  epoch: number;
+  primaryEpoch: number; // epoch of the sender's latest promotion for this VM (0 = never primary)
+  qemu: boolean;        // a QEMU process for this VM is alive on the sender
+  sick?: string;        // secondary: why it should not be trusted
+  checkpoints?: number; // checkpoints seen by the sender's QEMU since it started
+}
+
+export interface HeartbeatMessage {
+  v: 1;
+  t: 'ping' | 'pong';
+  from: string;
+  inst: string;          // agent instance id: changes on every agent start
+  seq: number;
+  path: number;          // index in the sender's peer.addresses
+  sent: number;          // sender's monotonic ms (echoed in the pong for RTT)
+  vms: Record<string, VmSummary>;
+}
+
+export interface PathStatus {
+  address: string;
+  up: boolean;
+  lastHeardMs: number | null; // ms since the last pong on this path
+  rttMs: number | null;
+}
+
+export interface PeerView {
+  alive: boolean;             // heard on some path within the timeout
+  lastHeardMs: number | null;
+  instance: string | null;
+  vms: Record<string, VmSummary>;
+  paths: PathStatus[];
+}
+
+export interface HeartbeatOptions {
+  node: string;
+  peer: string;
+  peerAddresses: string[];
+  peerPort: number;
+  listenAddress: string;
+  listenPort: number;
+  intervalMs: number;
+  timeoutMs: number;
+  key: string;
+  clock: Clock;
+  log: Logger;
+  summaries: () => Record<string, VmSummary>;
+  onChange: (view: PeerView, why: string) => void;
+}
+
+interface PathState { lastHeard: number | null; rtt: number | null }
+
+export class HeartbeatService {
+  private readonly o: HeartbeatOptions;
+  readonly instance = randomUUID();
+  private sock4: Socket | undefined;
+  private sock6: Socket | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private seq = 0;
+  private paths: PathState[];
+  private lastHeard: number | null = null;
+  private peerInstance: string | null = null;
+  private peerVms: Record<string, VmSummary> = {};
+  private wasAlive = false;
+  private pathWasUp: boolean[];
+  /** Datagrams rejected (bad HMAC, wrong sender, garbage): exposed as a metric. */
+  rejected = 0;
+
+  constructor(o: HeartbeatOptions) {
+    this.o = o;
+    this.paths = o.peerAddresses.map(() => ({ lastHeard: null, rtt: null }));
+    this.pathWasUp = o.peerAddresses.map(() => false);
+  }
+
+  async start(): Promise<void> {
+    const v6 = isIPv6(this.o.listenAddress);
+    const sock = createSocket({ type: v6 ? 'udp6' : 'udp4', reuseAddr: false });
+    await new Promise<void>((resolve, reject) => {
+      sock.once('error', reject);
+      sock.bind(this.o.listenPort, this.o.listenAddress, () => { sock.off('error', reject); resolve(); });
+    });
+    sock.on('message', (buf, rinfo) => this.onMessage(buf, rinfo.address, rinfo.port));
+    sock.on('error', (e) => this.o.log.warn('heartbeat socket error', { error: e.message }));
+    if (v6) this.sock6 = sock; else this.sock4 = sock;
+    this.timer = setInterval(() => this.tick(), this.o.intervalMs);
+    this.tick();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.sock4?.close();
+    this.sock6?.close();
+  }
+
+  private mac(body: string): string {
+    return createHmac('sha256', this.o.key).update(body).digest('base64url');
+  }
+
+  private send(msg: HeartbeatMessage, address: string, port: number): void {
+    const body = JSON.stringify(msg);
+    const buf = Buffer.from(`${this.mac(body)} ${body}`);
+    const sock = this.sock6 ?? this.sock4;
+    // Errors (EHOSTUNREACH/ENETUNREACH on a dead path) are expected: the path just stays silent.
+    sock?.send(buf, port, address, () => undefined);
+  }
+
+  private tick(): void {
+    const now = this.o.clock.mono();
+    const vms = this.o.summaries();
+    this.o.peerAddresses.forEach((addr, path) => {
+      this.send({ v: 1, t: 'ping', from: this.o.node, inst: this.instance, seq: ++this.seq, path, sent: now, vms }, addr, this.o.peerPort);
+    });
+    this.evaluate();
+  }
+
+  private onMessage(buf: Buffer, address: string, port: number): void {
+    const s = buf.toString('utf8');
+    const sp = s.indexOf(' ');
+    if (sp < 0) { this.rejected++; return; }
+    const mac = s.slice(0, sp), body = s.slice(sp + 1);
+    const want = this.mac(body);
+    if (mac.length !== want.length || !timingSafeEqual(Buffer.from(mac), Buffer.from(want))) { this.rejected++; return; }
+    let msg: HeartbeatMessage;
+    try { msg = JSON.parse(body) as HeartbeatMessage; } catch { this.rejected++; return; }
+    if (msg.v !== 1 || msg.from !== this.o.peer) { this.rejected++; return; }
+    const now = this.o.clock.mono();
+    this.lastHeard = now;
+    this.peerVms = msg.vms ?? {};
+    if (this.peerInstance !== msg.inst) {
+      if (this.peerInstance !== null) this.o.log.info('peer agent restarted', { peer: this.o.peer });
+      this.peerInstance = msg.inst;
+    }
+    if (msg.t === 'ping') {
+      this.send({ v: 1, t: 'pong', from: this.o.node, inst: this.instance, seq: msg.seq, path: msg.path, sent: msg.sent, vms: this.o.summaries() }, address, port);
+    } else if (msg.t === 'pong') {
+      const p = this.paths[msg.path];
+      if (p) { p.lastHeard = now; p.rtt = now - msg.sent; }
+    }
+    this.evaluate();
+  }
+
+  private evaluate(): void {
+    const view = this.view();
+    view.paths.forEach((p, i) => {
+      if (p.up !== this.pathWasUp[i]) {
+        this.pathWasUp[i] = p.up;
+        this.o.log.info(`heartbeat path ${p.up ? 'up' : 'down'}`, { path: i, address: p.address, lastHeardMs: p.lastHeardMs });
+      }
+    });
+    if (view.alive !== this.wasAlive) {
+      this.wasAlive = view.alive;
+      const why = view.alive ? 'heartbeat received' : `no heartbeat on any of ${this.paths.length} paths for ${this.o.timeoutMs} ms`;
+      this.o.log.info(view.alive ? 'peer agent heard' : 'peer agent silent', { peer: this.o.peer, why });
+      this.o.onChange(view, why);
+    }
+  }
+
+  view(): PeerView {
+    const now = this.o.clock.mono();
+    const age = (t: number | null) => (t === null ? null : Math.round(now - t));
+    return {
+      alive: this.lastHeard !== null && now - this.lastHeard <= this.o.timeoutMs,
+      lastHeardMs: age(this.lastHeard),
+      instance: this.peerInstance,
+      vms: this.peerVms,
+      paths: this.paths.map((p, i) => ({
+        address: this.o.peerAddresses[i]!,
+        up: p.lastHeard !== null && now - p.lastHeard <= this.o.timeoutMs,
+        lastHeardMs: age(p.lastHeard),
+        rttMs: p.rtt === null ? null : Math.round(p.rtt * 100) / 100,
+      })),
+    };
+  }
+}
