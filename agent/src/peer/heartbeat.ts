@@ -98,10 +98,12 @@ export class HeartbeatService {
     this.tick();
   }
 
+  /** Idempotent. */
   stop(): void {
     if (this.timer) clearInterval(this.timer);
-    this.sock4?.close();
-    this.sock6?.close();
+    this.timer = undefined;
+    for (const s of [this.sock4, this.sock6]) { try { s?.close(); } catch { /* already closed */ } }
+    this.sock4 = this.sock6 = undefined;
   }
 
   private mac(body: string): string {

@@ -1,0 +1,123 @@
+import test from 'ava';
+import { decide, type DecideInput } from '../../agent/src/colo/decide.ts';
+import type { VmSummary } from '../../agent/src/peer/heartbeat.ts';
+
+const base: DecideInput = {
+  node: 'hostA', preferredPrimary: 'hostA', state: 'stopped', busy: false,
+  durable: { epoch: 0, primaryEpoch: 0, fenced: false },
+  peer: 'alive', peerVm: undefined,
+  msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
+  nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
+  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, takeoverRequested: null,
+};
+const pv = (state: string, extra: Partial<VmSummary> = {}): VmSummary => ({ state, epoch: 1, primaryEpoch: 0, qemu: state !== 'stopped', ...extra });
+const d = (o: Partial<DecideInput>) => decide({ ...base, ...o });
+
+test('nothing happens while an operation is running', (t) => {
+  t.is(d({ busy: true, state: 'secondary', peer: 'dead' }).kind, 'none');
+});
+
+// ---------------------------------------------------------------- cold start / election
+test('first start, both up: the preferred primary starts the VM', (t) => {
+  t.is(d({ peerVm: pv('stopped', { epoch: 0 }) }).kind, 'cold-start');
+  t.is(d({ node: 'hostB', peerVm: pv('stopped', { epoch: 0 }) }).kind, 'none');
+});
+
+test('cold start, both up: the node that was primary most recently wins over the preferred one', (t) => {
+  const a = d({ durable: { epoch: 5, primaryEpoch: 3, fenced: false }, peerVm: pv('stopped', { epoch: 5, primaryEpoch: 5 }) });
+  t.is(a.kind, 'none');
+  t.regex(a.why, /peer was primary more recently/);
+  t.is(d({ node: 'hostB', durable: { epoch: 5, primaryEpoch: 5, fenced: false }, peerVm: pv('stopped', { epoch: 5, primaryEpoch: 3 }) }).kind, 'cold-start');
+});
+
+test('a stopped node never starts a second copy while the peer runs the VM', (t) => {
+  for (const s of ['standalone', 'protected', 'syncing', 'starting', 'fenced']) {
+    t.is(d({ durable: { epoch: 9, primaryEpoch: 9, fenced: false }, peerVm: pv(s, { epoch: 2 }) }).kind, 'none', s);
+  }
+});
+
+test('a stopped node waits while the peer holds a replica that is about to take over', (t) => {
+  // our primary QEMU just died; peer is still "secondary" for a moment
+  const r = d({ durable: { epoch: 1, primaryEpoch: 1, fenced: false }, peerVm: pv('secondary', { epoch: 1 }) });
+  t.is(r.kind, 'none');
+  t.regex(r.why, /takes over/);
+});
+
+test('peer unreachable at start: wait for it first, then start alone only as the last primary', (t) => {
+  t.is(d({ peer: 'unknown', heardPeerSinceStart: false, msSinceAgentStart: 1000 }).kind, 'none');
+  t.is(d({ peer: 'dead', heardPeerSinceStart: false, msSinceAgentStart: 16_000 }).kind, 'cold-start'); // first ever start, preferred
+  t.is(d({ node: 'hostB', peer: 'dead', heardPeerSinceStart: false, msSinceAgentStart: 16_000 }).kind, 'none'); // not preferred
+  t.is(d({ peer: 'dead', durable: { epoch: 4, primaryEpoch: 4, fenced: false } }).kind, 'cold-start');
+  const stale = d({ peer: 'dead', durable: { epoch: 4, primaryEpoch: 3, fenced: false } });
+  t.is(stale.kind, 'none');
+  t.regex(stale.why, /holds a newer copy \(epoch 4/);
+});
+
+test('peer host up but its agent restarting: never start alone', (t) => {
+  t.is(d({ peer: 'agent-down', durable: { epoch: 4, primaryEpoch: 4, fenced: false } }).kind, 'none');
+});
+
+test('restart backoff after QEMU crash loops is honoured', (t) => {
+  t.is(d({ peerVm: pv('stopped', { epoch: 0 }), nextStartAt: base.nowMono + 1000 }).kind, 'none');
+});
+
+// ---------------------------------------------------------------- primary
+test('standalone primary protects when the peer is up and has no replica', (t) => {
+  t.is(d({ state: 'standalone', peerVm: pv('stopped') }).kind, 'protect');
+  t.is(d({ state: 'standalone', peerVm: pv('preparing') }).kind, 'protect');
+  t.is(d({ state: 'standalone', peerVm: pv('stopped'), nextProtectAt: base.nowMono + 5 }).kind, 'none');
+  t.is(d({ state: 'standalone', peer: 'dead' }).kind, 'none');
+});
+
+test('split brain after a partition: the primary with the older epoch yields', (t) => {
+  const older = d({ state: 'standalone', durable: { epoch: 3, primaryEpoch: 3, fenced: false }, peerVm: pv('standalone', { epoch: 4, primaryEpoch: 4 }) });
+  t.is(older.kind, 'demote');
+  const newer = d({ state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 3, primaryEpoch: 3 }) });
+  t.is(newer.kind, 'none');
+  // equal epochs cannot both be legitimate: the preferred primary keeps it
+  t.is(d({ state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 4 }) }).kind, 'none');
+  t.is(d({ node: 'hostB', state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 4 }) }).kind, 'demote');
+});
+
+test('protected primary drops a dead, vanished, sick, stuck or storming secondary', (t) => {
+  const P = (o: Partial<DecideInput>) => d({ state: 'protected', peerVm: pv('secondary'), ...o });
+  t.is(P({}).kind, 'none');
+  t.is(P({ peer: 'dead' }).kind, 'drop-secondary');
+  t.is(P({ peerVm: pv('stopped') }).kind, 'drop-secondary');
+  t.is(P({ peerVm: pv('secondary', { qemu: false }) }).kind, 'drop-secondary');
+  t.regex(P({ peerVm: pv('secondary', { sick: 'guest oops' }) }).why, /sick: guest oops/);
+  t.regex(P({ msSinceLastCheckpoint: 10_001 }).why, /no checkpoint for 10001 ms/);
+  t.is(P({ msSinceLastCheckpoint: 9_999 }).kind, 'none');
+  t.is(P({ stormReason: 'checkpoint storm' }).kind, 'drop-secondary');
+});
+
+test('a protected primary keeps its replica while the peer agent merely restarts', (t) => {
+  t.is(d({ state: 'protected', peer: 'agent-down', peerVm: pv('secondary') }).kind, 'none');
+});
+
+// ---------------------------------------------------------------- secondary
+test('secondary takes over when the primary host is lost or its QEMU is gone', (t) => {
+  const S = (o: Partial<DecideInput>) => d({ state: 'secondary', peerVm: pv('protected'), ...o });
+  t.is(S({}).kind, 'none');
+  t.is(S({ peer: 'dead' }).kind, 'takeover');
+  t.is(S({ peerVm: pv('protected', { qemu: false }) }).kind, 'takeover');
+  t.is(S({ takeoverRequested: 'switchover' }).kind, 'takeover');
+});
+
+test('secondary never takes over while the primary is alive or only its agent restarts', (t) => {
+  t.is(d({ state: 'secondary', peer: 'agent-down', peerVm: pv('protected') }).kind, 'none');
+  t.is(d({ state: 'secondary', peer: 'unknown', peerVm: pv('protected') }).kind, 'none');
+});
+
+test('a secondary the primary stopped using is discarded, never promoted', (t) => {
+  const r = d({ state: 'secondary', peerVm: pv('standalone') });
+  t.is(r.kind, 'discard-secondary');
+  t.is(d({ state: 'preparing', peerVm: pv('standalone') }).kind, 'discard-secondary');
+  t.is(d({ state: 'preparing', peerVm: pv('syncing') }).kind, 'none');
+});
+
+test('a replica whose primary died before the first checkpoint is discarded, not promoted', (t) => {
+  const r = d({ state: 'preparing', peer: 'dead', peerVm: pv('syncing') });
+  t.is(r.kind, 'discard-secondary');
+  t.regex(r.why, /not consistent/);
+});

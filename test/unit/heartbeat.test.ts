@@ -1,0 +1,84 @@
+import test from 'ava';
+import { HeartbeatService, type PeerView } from '../../agent/src/peer/heartbeat.ts';
+import { systemClock, sleep } from '../../agent/src/util/clock.ts';
+import { memoryLogger } from '../../agent/src/log/logger.ts';
+
+let nextPort = 27000 + (process.pid % 1000) * 4;
+
+function pair(opts: { bAddresses?: string[]; keyB?: string } = {}) {
+  const pa = nextPort++, pb = nextPort++;
+  const changes: Record<'a' | 'b', { view: PeerView; why: string }[]> = { a: [], b: [] };
+  const mk = (me: 'a' | 'b', port: number, peerPort: number, addresses: string[], key: string) => new HeartbeatService({
+    node: me === 'a' ? 'hostA' : 'hostB', peer: me === 'a' ? 'hostB' : 'hostA',
+    peerAddresses: addresses, peerPort, listenAddress: '127.0.0.1', listenPort: port,
+    intervalMs: 20, timeoutMs: 120, key, clock: systemClock, log: memoryLogger(),
+    summaries: () => ({ vm1: { state: me === 'a' ? 'protected' : 'secondary', epoch: 3, primaryEpoch: me === 'a' ? 3 : 0, qemu: true } }),
+    onChange: (view, why) => changes[me].push({ view, why }),
+  });
+  // A's view of B: 127.0.0.1 (works) and, optionally, a black-holed documentation address.
+  const a = mk('a', pa, pb, opts.bAddresses ?? ['127.0.0.1', '127.0.0.1'], 'k'.repeat(20));
+  const b = mk('b', pb, pa, ['127.0.0.1', '127.0.0.1'], opts.keyB ?? 'k'.repeat(20));
+  return { a, b, changes };
+}
+
+test('two agents hear each other on every path, with RTT and the peer\'s VM summaries', async (t) => {
+  const { a, b } = pair();
+  await a.start(); await b.start();
+  t.teardown(() => { a.stop(); b.stop(); });
+  await sleep(150);
+  const v = a.view();
+  t.true(v.alive);
+  t.is(v.paths.length, 2);
+  t.true(v.paths.every((p) => p.up && p.rttMs !== null && p.rttMs < 50));
+  t.deepEqual(v.vms.vm1, { state: 'secondary', epoch: 3, primaryEpoch: 0, qemu: true });
+  t.truthy(v.instance);
+});
+
+test('one silent path does not make the peer silent', async (t) => {
+  const { a, b } = pair({ bAddresses: ['127.0.0.1', '192.0.2.1'] }); // TEST-NET-1: never answers
+  await a.start(); await b.start();
+  t.teardown(() => { a.stop(); b.stop(); });
+  await sleep(300);
+  const v = a.view();
+  t.true(v.alive);
+  t.true(v.paths[0]!.up);
+  t.false(v.paths[1]!.up);
+});
+
+test('the peer is declared silent only after the timeout, and heard again when it returns', async (t) => {
+  const { a, b, changes } = pair();
+  await a.start(); await b.start();
+  t.teardown(() => { a.stop(); b.stop(); });
+  await sleep(100);
+  t.true(a.view().alive);
+  const stoppedAt = Date.now();
+  b.stop();
+  await sleep(60);
+  t.true(a.view().alive, 'still alive before the 120 ms timeout');
+  await sleep(150);
+  t.false(a.view().alive);
+  const silent = changes.a.find((c) => !c.view.alive)!;
+  t.regex(silent.why, /no heartbeat on any of 2 paths for 120 ms/);
+  t.true(Date.now() - stoppedAt >= 120);
+  await b.start();
+  await sleep(100);
+  t.true(a.view().alive);
+  t.true(changes.a.at(-1)!.view.alive);
+});
+
+test('datagrams signed with another key are rejected and counted', async (t) => {
+  const { a, b } = pair({ keyB: 'x'.repeat(20) });
+  await a.start(); await b.start();
+  t.teardown(() => { a.stop(); b.stop(); });
+  await sleep(150);
+  t.false(a.view().alive);
+  t.true(a.rejected > 0);
+});
+
+test('binding an address in use fails loudly', async (t) => {
+  const { a } = pair();
+  await a.start();
+  t.teardown(() => a.stop());
+  const dup = new HeartbeatService({ ...(a as unknown as { o: ConstructorParameters<typeof HeartbeatService>[0] }).o });
+  await t.throwsAsync(dup.start(), { message: /EADDRINUSE/ });
+});

@@ -1,0 +1,70 @@
+import test from 'ava';
+import { evaluateCapabilities, explainProbe, probeQemu, QemuNotColoCapableError } from '../../agent/src/qemu/probe.ts';
+import { memoryLogger } from '../../agent/src/log/logger.ts';
+import { join } from 'node:path';
+import { ROOT } from '../helpers/guest.ts';
+
+const FULL = {
+  binary: '/usr/bin/qemu-system-x86_64',
+  version: { major: 7, minor: 2, micro: 22, package: 'Debian 1:7.2+dfsg-7+deb12u18' },
+  migrationCapabilities: ['x-colo', 'xbzrle'],
+  qomTypes: ['colo-compare', 'filter-mirror', 'filter-redirector', 'filter-rewriter', 'iothread'],
+  schema: [
+    ...['x-colo-lost-heartbeat', 'x-blockdev-change', 'query-colo-status', 'drive-mirror', 'nbd-server-start', 'announce-self'].map((name) => ({ name, 'meta-type': 'command' })),
+    { name: 'BlockdevDriver', 'meta-type': 'enum', values: ['nbd', 'qcow2', 'quorum', 'raw', 'replication'] },
+  ],
+};
+
+test('a COLO-capable QEMU passes; 7.2 uses the old reconnect= spelling', (t) => {
+  const r = evaluateCapabilities(FULL);
+  t.deepEqual(r.problems, []);
+  t.false(r.features.reconnectMs);
+  t.true(evaluateCapabilities({ ...FULL, version: { major: 9, minor: 2, micro: 0, package: '' } }).features.reconnectMs);
+});
+
+test('a QEMU built with --disable-replication is refused with every missing piece named', (t) => {
+  const r = evaluateCapabilities({
+    ...FULL,
+    schema: [...FULL.schema.filter((e) => e.name !== 'x-colo-lost-heartbeat' && e.name !== 'BlockdevDriver'),
+      { name: 'BlockdevDriver', 'meta-type': 'enum', values: ['nbd', 'qcow2', 'quorum', 'raw'] }],
+    qomTypes: FULL.qomTypes.filter((x) => x !== 'colo-compare'),
+  });
+  t.deepEqual(r.missing, ["object type 'colo-compare'", "QMP command 'x-colo-lost-heartbeat'", "block driver 'replication'"]);
+  const msg = explainProbe(r);
+  t.regex(msg, /cannot protect VMs with COLO/);
+  t.regex(msg, /missing: object type 'colo-compare', QMP command 'x-colo-lost-heartbeat', block driver 'replication'/);
+  t.regex(msg, /Stock RHEL\/CentOS\/Rocky\/Alma qemu-kvm is built with --disable-replication/);
+  t.regex(msg, /ftkvm_qemu_repo_url/);
+});
+
+test('missing x-colo capability is named', (t) => {
+  t.deepEqual(evaluateCapabilities({ ...FULL, migrationCapabilities: ['xbzrle'] }).missing, ["migration capability 'x-colo'"]);
+});
+
+test('early QEMU 10.0.x builds with the upstream COLO regression are refused; 10.0.13 is accepted', (t) => {
+  const bad = evaluateCapabilities({ ...FULL, version: { major: 10, minor: 0, micro: 2, package: '' } });
+  t.is(bad.problems.length, 1);
+  t.regex(bad.problems[0]!, /upstream COLO regression/);
+  t.deepEqual(evaluateCapabilities({ ...FULL, version: { major: 10, minor: 0, micro: 13, package: '' } }).problems, []);
+});
+
+test('probing a real process: a QEMU without COLO (stock RHEL look-alike) over real QMP', async (t) => {
+  const r = await probeQemu(join(ROOT, 'test/fixtures/fake-qemu-no-colo.mjs'), 'kvm', {}, memoryLogger());
+  t.is(r.version.major, 8);
+  t.true(r.missing.includes("block driver 'replication'"));
+  t.true(r.missing.includes("QMP command 'x-colo-lost-heartbeat'"));
+  t.true(r.missing.includes("object type 'colo-compare'"));
+  const e = new QemuNotColoCapableError(r);
+  t.is(e.code, 'QEMU_NOT_COLO_CAPABLE');
+  t.regex(e.message, /qemu-kvm-8\.2\.0-11\.el9_4/);
+});
+
+test('probing the real Debian QEMU: it has COLO', async (t) => {
+  const r = await probeQemu('/usr/bin/qemu-system-x86_64', 'tcg', {}, memoryLogger());
+  t.deepEqual(r.problems, []);
+  t.is(r.version.major, 7);
+});
+
+test('probing a binary that is not QEMU fails with a clear error', async (t) => {
+  await t.throwsAsync(probeQemu('/bin/true', 'tcg', {}, memoryLogger()), { message: /cannot probe QEMU \/bin\/true: .*QMP socket/ });
+});
