@@ -1,7 +1,27 @@
 /*
  * TEST-ONLY. Loaded with LD_PRELOAD into QEMU by the test suite and the local demo, because
  * they run guests under TCG. Production hosts use KVM and never load this.
- * Source: ftkvm's shared COLO notes (colo/lab/colo-tcg-bql-fix.c), unchanged below this header.
+ *
+ * It works around two QEMU COLO bugs that only exist under TCG:
+ *  1. the BQL self-deadlock of the primary at a checkpoint (pthread_cond_wait below; from
+ *     ftkvm's shared COLO notes, colo/lab/colo-tcg-bql-fix.c, unchanged);
+ *  2. lost dirty pages (QEMU 7.2; fixed upstream in 9.0 by "physmem: Fix migration dirty
+ *     bitmap coherency with TCG memory access", not in Debian's 7.2.22): the fast path of
+ *     cpu_physical_memory_sync_dirty_bitmap() clears the migration dirty bits without
+ *     resetting TCG's TLB dirty state, so later guest writes through existing TLB entries are
+ *     never logged. A checkpoint then misses pages: the primary does not send them and the
+ *     secondary does not revert its own writes. Seen as guest kernel oopses on the secondary
+ *     (e.g. alloc_inode reading a NULL super_operations) after a few checkpoints.
+ *  3. stale translated code on the secondary: colo_flush_ram_cache() overwrites guest pages
+ *     with memcpy() and never invalidates TCG's translation blocks.
+ *  Fix for 2 and 3 (__vfprintf_chk below): QEMU logs trace events through libc. Tests enable
+ *     `-trace enable=migration_bitmap_sync_end -trace enable=colo_flush_ram_cache_end,file=/dev/null`.
+ *     On migration_bitmap_sync_end (primary: right after each sync, vCPUs stopped during a
+ *     checkpoint) and on colo_flush_ram_cache_end (secondary: after its sync and the page copy,
+ *     vCPUs stopped) we queue QEMU's own tlb_flush_all_cpus_synced(): every vCPU drops its TLB
+ *     before it runs again, so new TLB entries see the now-clean dirty bits and log writes.
+ *     On the secondary we also queue tb_flush() for the overwritten code.
+ *     Proper fixes: the upstream commit above, and tb_flush() in colo_flush_ram_cache().
  */
 /*
  * LD_PRELOAD workaround for QEMU COLO under TCG (bug seen in 7.2 and 10.0.13).
@@ -34,6 +54,9 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <time.h>
+#include <string.h>
+#include <stdarg.h>
+#include <stdio.h>
 
 static int (*real_wait)(pthread_cond_t *, pthread_mutex_t *);
 #define NW 256
@@ -74,4 +97,48 @@ int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
         pthread_mutex_lock(&tab); waits[slot].c = NULL; waits[slot].m = NULL; pthread_mutex_unlock(&tab);
     }
     return r;
+}
+
+/* ---- 2 + 3: TLB dirty state and stale translations ----------------------------------- */
+static void *first_cpu_state(void)
+{
+    static void **cpus_head;                                   /* QTAILQ_HEAD: tqh_first at 0 */
+    if (!cpus_head) {
+        cpus_head = (void **)dlsym(RTLD_DEFAULT, "cpus");
+    }
+    return cpus_head ? *cpus_head : NULL;
+}
+
+static void colo_tcg_resync(int flush_translations)
+{
+    static void (*tlb_flush_all_synced)(void *cpu);
+    static void (*tb_flush_fn)(void *cpu);
+    void *cpu = first_cpu_state();
+    if (!tlb_flush_all_synced) {
+        tlb_flush_all_synced = (void (*)(void *))dlsym(RTLD_DEFAULT, "tlb_flush_all_cpus_synced");
+        tb_flush_fn = (void (*)(void *))dlsym(RTLD_DEFAULT, "tb_flush");
+    }
+    if (!cpu) {
+        return;
+    }
+    if (tlb_flush_all_synced) {
+        tlb_flush_all_synced(cpu);
+    }
+    if (flush_translations && tb_flush_fn) {
+        tb_flush_fn(cpu);
+    }
+}
+
+int __vfprintf_chk(FILE *f, int flag, const char *fmt, va_list ap)
+{
+    static int (*real_vfprintf_chk)(FILE *, int, const char *, va_list);
+    if (!real_vfprintf_chk) {
+        real_vfprintf_chk = (int (*)(FILE *, int, const char *, va_list))dlsym(RTLD_NEXT, "__vfprintf_chk");
+    }
+    if (strstr(fmt, "migration_bitmap_sync_end")) {
+        colo_tcg_resync(0);
+    } else if (strstr(fmt, "colo_flush_ram_cache_end")) {
+        colo_tcg_resync(1);
+    }
+    return real_vfprintf_chk(f, flag, fmt, ap);
 }

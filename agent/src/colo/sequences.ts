@@ -205,13 +205,15 @@ export async function primaryStartColo(q: QmpLike, a: PrimaryAddrs, checkpointDe
   }
 }
 
-/** Which child of colo-disk0 is replication0 (children.1 normally; index can grow on re-adds). */
+/**
+ * Name of the quorum edge that holds replication0 ("children.1" normally; the index can grow
+ * on re-adds). `colo-disk0` names the BlockBackend, whose root is the quorum node.
+ */
 async function replicationChildName(q: QmpLike): Promise<string | undefined> {
   const g = await q.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
-  const parent = g.nodes.find((n) => n.name === 'colo-disk0');
   const child = g.nodes.find((n) => n.name === 'replication0');
-  if (!parent || !child) return undefined;
-  return g.edges.find((e) => e.parent === parent.id && e.child === child.id)?.name;
+  if (!child) return undefined;
+  return g.edges.find((e) => e.child === child.id && e.name.startsWith('children.'))?.name;
 }
 
 /**

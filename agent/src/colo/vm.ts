@@ -1,6 +1,6 @@
 // One protected VM on this node: owns its QEMU, its state (one setState that logs
 // `from -> to` with the reason), and runs the actions decide() picks.
-import { closeSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readSync, rmSync, statSync } from 'node:fs';
 import type { Config, VmConfig } from '../config/schema.ts';
 import { checkpointDelay, checkpointStallMs, tapName } from '../config/load.ts';
 import type { Logger } from '../log/logger.ts';
@@ -277,9 +277,13 @@ export class VmController {
     return h;
   }
 
+  /** Stops this node's QEMU (if any); the VM always ends in 'stopped'. */
   private async killQemu(why: string): Promise<void> {
     const h = this.qemu;
-    if (!h) return;
+    if (!h) {
+      if (this.state !== 'stopped') this.setState('stopped', why);
+      return;
+    }
     this.expectedExit = why;
     await h.killAndWait();
     // the exit handler runs from the exit promise; make sure state is consistent right away
@@ -661,6 +665,7 @@ export class VmController {
       this.setState('preparing', `becoming the secondary of ${req.primary} (epoch ${req.epoch})`);
       const vm = this.d.vm;
       const img = this.d.config.qemu.img_binary;
+      mkdirSync(this.paths.dir, { recursive: true, mode: 0o700 });
       const r = await ensureImageSize(this.d.exec, img, vm.disk.path, vm.disk.format, req.sizeBytes);
       if (r !== 'ok') this.log.info(`local disk image ${r} to ${req.sizeBytes} bytes`, { path: vm.disk.path });
       for (const f of [this.paths.secondaryActive, this.paths.secondaryHidden]) {

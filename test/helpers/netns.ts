@@ -1,0 +1,143 @@
+// Two "hosts" on one machine as network namespaces, for end-to-end tests and benchmarks.
+//
+//   root ns (the test: controller + LAN client)
+//     ftc<i>m 10.202.<i>.100 ──┐                       ┌── ftc<i>l 192.168.<100+i>.100
+//   switch ns ftS<i>:       [br-mgmt]      [br-repl]    [br-lan]
+//     hostA ns ftA<i>: eth-mgmt 10.202.<i>.1  eth-repl 10.201.<i>.1   br0 {tap of the VM, uplink}
+//     hostB ns ftB<i>: eth-mgmt 10.202.<i>.2  eth-repl 10.201.<i>.2   br0 {tap of the VM, uplink}
+//     witness ns ftW<i>: eth-mgmt 10.202.<i>.254
+//
+// Links are cut with nft in the switch namespace (bridge family, forward hook: frames dropped
+// silently, no carrier change — like a dead switch port or a firewall mistake). This kernel has
+// no netem and no bonding.
+import { execFile, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { promisify } from 'node:util';
+
+const run = promisify(execFile);
+
+export type HostId = 'A' | 'B' | 'W';
+export type Link = 'repl' | 'mgmt';
+
+export interface HostAddrs { repl: string; mgmt: string }
+
+export class NetnsTestbed {
+  readonly i: number;
+  readonly ns: Record<HostId | 'S', string>;
+  readonly addr: Record<'A' | 'B', HostAddrs> & { W: { mgmt: string } };
+  readonly controller: string;
+  readonly lanClient: string;
+  readonly lanPrefix: string;
+  readonly guestBridge = 'br0';
+  private cuts = new Set<string>();
+
+  constructor(i: number) {
+    if (!Number.isInteger(i) || i < 0 || i > 99) throw new Error('testbed index 0..99');
+    this.i = i;
+    this.ns = { A: `ftA${i}`, B: `ftB${i}`, W: `ftW${i}`, S: `ftS${i}` };
+    this.addr = {
+      A: { repl: `10.201.${i}.1`, mgmt: `10.202.${i}.1` },
+      B: { repl: `10.201.${i}.2`, mgmt: `10.202.${i}.2` },
+      W: { mgmt: `10.202.${i}.254` },
+    };
+    this.controller = `10.202.${i}.100`;
+    this.lanPrefix = `192.168.${100 + i}`;
+    this.lanClient = `${this.lanPrefix}.100`;
+  }
+
+  /** Guest address n on the shared LAN (tests give each VM one). */
+  guestIp(n = 10): string { return `${this.lanPrefix}.${n}`; }
+
+  private async ip(...args: string[]): Promise<void> { await run('ip', args); }
+  private async nsip(ns: string, ...args: string[]): Promise<void> { await run('ip', ['-n', ns, ...args]); }
+
+  async up(): Promise<void> {
+    await this.down();
+    const { A, B, W, S } = this.ns;
+    for (const n of [A, B, W, S]) { await this.ip('netns', 'add', n); await this.nsip(n, 'link', 'set', 'lo', 'up'); }
+    for (const br of ['br-mgmt', 'br-repl', 'br-lan']) {
+      await this.nsip(S, 'link', 'add', br, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0');
+      await this.nsip(S, 'link', 'set', br, 'up');
+    }
+    const plug = async (ns: string, inner: string, port: string, br: string, cidr?: string) => {
+      await this.nsip(S, 'link', 'add', port, 'type', 'veth', 'peer', 'name', inner, 'netns', ns);
+      await this.nsip(S, 'link', 'set', port, 'master', br, 'up');
+      if (cidr) await this.nsip(ns, 'addr', 'add', cidr, 'dev', inner);
+      await this.nsip(ns, 'link', 'set', inner, 'up');
+    };
+    for (const h of ['A', 'B'] as const) {
+      const ns = this.ns[h];
+      await plug(ns, 'eth-mgmt', `${h}-m`, 'br-mgmt', `${this.addr[h].mgmt}/24`);
+      await plug(ns, 'eth-repl', `${h}-r`, 'br-repl', `${this.addr[h].repl}/24`);
+      // guest bridge on the host, uplinked to the shared LAN
+      await this.nsip(ns, 'link', 'add', this.guestBridge, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0');
+      await this.nsip(ns, 'link', 'set', this.guestBridge, 'up');
+      await plug(ns, 'uplink', `${h}-l`, 'br-lan');
+      await this.nsip(ns, 'link', 'set', 'uplink', 'master', this.guestBridge);
+    }
+    await plug(W, 'eth-mgmt', 'W-m', 'br-mgmt', `${this.addr.W.mgmt}/24`);
+    // the test process itself: controller on mgmt, client on the guest LAN
+    for (const [suffix, br, cidr] of [['m', 'br-mgmt', `${this.controller}/24`], ['l', 'br-lan', `${this.lanClient}/24`]] as const) {
+      const rootIf = `ftc${this.i}${suffix}`;
+      await this.ip('link', 'add', rootIf, 'type', 'veth', 'peer', 'name', `C-${suffix}`, 'netns', S);
+      await this.nsip(S, 'link', 'set', `C-${suffix}`, 'master', br, 'up');
+      await this.ip('addr', 'add', cidr, 'dev', rootIf);
+      await this.ip('link', 'set', rootIf, 'up');
+    }
+    await this.applyCuts();
+  }
+
+  async down(): Promise<void> {
+    for (const n of Object.values(this.ns)) await run('ip', ['netns', 'del', n]).catch(() => undefined);
+    for (const s of ['m', 'l']) await run('ip', ['link', 'del', `ftc${this.i}${s}`]).catch(() => undefined);
+    this.cuts.clear();
+  }
+
+  /** Cut a link: 'repl' = the replication link A↔B; 'mgmt' = A↔B on the management LAN. */
+  async cut(link: Link): Promise<void> { this.cuts.add(link); await this.applyCuts(); }
+  async restore(link: Link): Promise<void> { this.cuts.delete(link); await this.applyCuts(); }
+  /** Isolate a host from the witness (management LAN between host and W). */
+  async cutWitness(h: 'A' | 'B'): Promise<void> { this.cuts.add(`W${h}`); await this.applyCuts(); }
+  async restoreWitness(h: 'A' | 'B'): Promise<void> { this.cuts.delete(`W${h}`); await this.applyCuts(); }
+  async restoreAll(): Promise<void> { this.cuts.clear(); await this.applyCuts(); }
+
+  private async applyCuts(): Promise<void> {
+    const pair = (x: string, y: string) => [`iifname "${x}" oifname "${y}" drop`, `iifname "${y}" oifname "${x}" drop`];
+    const rules: string[] = [];
+    if (this.cuts.has('repl')) rules.push(...pair('A-r', 'B-r'));
+    if (this.cuts.has('mgmt')) rules.push(...pair('A-m', 'B-m'));
+    if (this.cuts.has('WA')) rules.push(...pair('A-m', 'W-m'));
+    if (this.cuts.has('WB')) rules.push(...pair('B-m', 'W-m'));
+    const script = `table bridge ftkvm_cuts\ndelete table bridge ftkvm_cuts\n` +
+      `table bridge ftkvm_cuts {\n chain fwd {\n  type filter hook forward priority 0; policy accept;\n` +
+      rules.map((r) => `  ${r}\n`).join('') + ` }\n}\n`;
+    await new Promise<void>((resolve, reject) => {
+      const p = spawn('ip', ['netns', 'exec', this.ns.S, 'nft', '-f', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
+      let err = '';
+      p.stderr.on('data', (d) => { err += d; });
+      p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`nft failed: ${err}`))));
+      p.stdin.end(script);
+    });
+  }
+
+  /** Runs a command inside a host namespace and waits for it. */
+  async exec(h: HostId, cmd: string, args: string[]): Promise<string> {
+    const { stdout } = await run('ip', ['netns', 'exec', this.ns[h], cmd, ...args]);
+    return stdout;
+  }
+
+  /** Starts a long-running process inside a host namespace (ip netns exec execs: same pid). */
+  spawnIn(h: HostId, cmd: string, args: string[], opts: SpawnOptions = {}): ChildProcess {
+    return spawn('ip', ['netns', 'exec', this.ns[h], cmd, ...args], opts);
+  }
+}
+
+/** Removes testbeds a crashed earlier run left behind (namespaces and root veths named ft*). */
+export async function sweepStaleTestbeds(): Promise<void> {
+  const { stdout } = await run('ip', ['netns', 'list']);
+  for (const line of stdout.split('\n')) {
+    const n = line.split(' ')[0];
+    if (n && /^ft[ABWS]\d+$/.test(n)) await run('ip', ['netns', 'del', n]).catch(() => undefined);
+  }
+  const links = (await run('ip', ['-o', 'link', 'show'])).stdout;
+  for (const m of links.matchAll(/^\d+: (ftc\d+[ml])[@:]/gm)) await run('ip', ['link', 'del', m[1]!]).catch(() => undefined);
+}

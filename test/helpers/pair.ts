@@ -1,0 +1,188 @@
+// A real ftkvm pair on the network-namespace testbed: two agent processes (the built single
+// executable) with generated configs, real QEMU under TCG, the real test guest.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { request } from 'undici';
+import { stringify } from 'yaml';
+import { NetnsTestbed } from './netns.ts';
+import { AGENT_BIN, parseSerial, testGuest } from './guest.ts';
+import type { StatusReport, HealthReport } from '../../agent/src/agent.ts';
+import type { VmStatus } from '../../agent/src/colo/vm.ts';
+
+export type H = 'A' | 'B';
+export const other = (h: H): H => (h === 'A' ? 'B' : 'A');
+export const TOKEN = 'test-token-0123456789abcdef';
+
+export interface VmSpec { name: string; vcpus?: number; memoryMib?: number; guestIp: number; basePort: number; mac?: string; preferred?: H; extraAppend?: string }
+export interface PairOptions {
+  vms: VmSpec[];
+  checkpointDelayMs?: number;
+  witness?: boolean;          // run `ftkvm-agent witness` in the witness namespace
+  heartbeat?: { interval_ms?: number; timeout_ms?: number };
+  colo?: Record<string, unknown>;
+  startupPeerWaitMs?: number;
+  diskMib?: number;
+}
+
+export class AgentPair {
+  readonly tb: NetnsTestbed;
+  readonly dir: string;
+  readonly o: PairOptions;
+  private agents: Partial<Record<H, ChildProcess>> = {};
+  private witnessProc: ChildProcess | undefined;
+
+  constructor(index: number, o: PairOptions) {
+    this.tb = new NetnsTestbed(index);
+    this.dir = `/tmp/ftkvm-e2e-${index}`;
+    this.o = o;
+  }
+
+  hostDir(h: H): string { return join(this.dir, h); }
+  configPath(h: H): string { return join(this.hostDir(h), 'agent.yaml'); }
+  stateDir(h: H): string { return join(this.hostDir(h), 'state'); }
+  agentLog(h: H): string { return join(this.hostDir(h), 'agent.log'); }
+  serialLog(h: H, vm: string): string { return join(this.stateDir(h), 'vms', vm, 'serial.log'); }
+  apiBase(h: H): string { return `http://${this.tb.addr[h].mgmt}:7480`; }
+  guestIp(vm: string): string { return this.tb.guestIp(this.o.vms.find((v) => v.name === vm)!.guestIp); }
+
+  async setup(): Promise<void> {
+    const g = testGuest();
+    await this.tb.up();
+    rmSync(this.dir, { recursive: true, force: true });
+    for (const h of ['A', 'B'] as H[]) {
+      const d = this.hostDir(h);
+      mkdirSync(join(d, 'images'), { recursive: true });
+      writeFileSync(join(d, 'token'), TOKEN + '\n', { mode: 0o600 });
+      for (const vm of this.o.vms) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(d, 'images', `${vm.name}.qcow2`), `${this.o.diskMib ?? 64}M`]);
+      const o = other(h);
+      const cfg = {
+        node: { name: `host${h}`, replication_address: this.tb.addr[h].repl },
+        peer: { name: `host${o}`, addresses: [this.tb.addr[o].repl, this.tb.addr[o].mgmt], replication_address: this.tb.addr[o].repl },
+        heartbeat: { ...this.o.heartbeat },
+        api: { listen: `${this.tb.addr[h].mgmt}:7480`, token_file: join(d, 'token') },
+        qemu: {
+          accelerator: 'tcg', env: { LD_PRELOAD: g.tcgShim },
+          // test-only: lets the TCG shim flush stale translations after each checkpoint
+          extra_args: ['-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'],
+        },
+        state_dir: this.stateDir(h),
+        colo: { checkpoint_delay_ms: this.o.checkpointDelayMs ?? 2000, startup_peer_wait_ms: this.o.startupPeerWaitMs ?? 3000, resync_retry_min_ms: 1000, ...this.o.colo },
+        witness: this.o.witness ? { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: 2000 } : { two_node_mode: true },
+        log_level: 'debug',
+        vms: this.o.vms.map((v) => ({
+          name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
+          disk: { path: join(d, 'images', `${v.name}.qcow2`) },
+          boot: { kernel: g.kernel, initrd: g.initrd, append: `${g.append} ftkvm.ip=${this.tb.guestIp(v.guestIp)}/24${v.extraAppend ? ' ' + v.extraAppend : ''}` },
+          nic: { bridge: this.tb.guestBridge, mac: v.mac ?? `52:54:00:77:${(v.guestIp & 0xff).toString(16).padStart(2, '0')}:10` },
+          base_port: v.basePort,
+          preferred_primary: `host${v.preferred ?? 'A'}`,
+          probe: { address: this.tb.guestIp(v.guestIp), port: 7000 },
+        })),
+      };
+      writeFileSync(this.configPath(h), stringify(cfg));
+    }
+  }
+
+  startWitness(): void {
+    const d = join(this.dir, 'W');
+    mkdirSync(d, { recursive: true });
+    const out = openSync(join(d, 'witness.log'), 'a');
+    this.witnessProc = this.tb.spawnIn('W', AGENT_BIN, ['witness', '--listen', `${this.tb.addr.W.mgmt}:7490`, '--data-dir', d, '--token-file', join(this.hostDir('A'), 'token')], { stdio: ['ignore', out, out] });
+    closeSync(out);
+  }
+
+  killWitness(): void { this.witnessProc?.kill('SIGKILL'); this.witnessProc = undefined; }
+
+  startAgent(h: H): ChildProcess {
+    const out = openSync(this.agentLog(h), 'a');
+    const p = this.tb.spawnIn(h, AGENT_BIN, ['run', '--config', this.configPath(h)], { stdio: ['ignore', out, out] });
+    closeSync(out);
+    this.agents[h] = p;
+    return p;
+  }
+
+  agentPid(h: H): number | undefined { return this.agents[h]?.pid; }
+
+  /** SIGKILL the agent process only (its QEMU processes keep running). */
+  killAgent(h: H): void {
+    const p = this.agents[h];
+    if (p?.pid) { try { process.kill(p.pid, 'SIGKILL'); } catch { /* gone */ } }
+    this.agents[h] = undefined;
+  }
+
+  /** PID of the QEMU for a VM on a host, from the agent's process record. */
+  qemuPid(h: H, vm: string): number | null {
+    try {
+      return (JSON.parse(readFileSync(join(this.stateDir(h), 'vms', vm, 'qemu.json'), 'utf8')) as { pid: number }).pid;
+    } catch { return null; }
+  }
+
+  killQemu(h: H, vm: string): number | null {
+    const pid = this.qemuPid(h, vm);
+    if (pid) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
+    return pid;
+  }
+
+  /** SIGKILL a whole "host": its agent and every QEMU it runs. */
+  killHost(h: H): void {
+    for (const vm of this.o.vms) this.killQemu(h, vm.name);
+    this.killAgent(h);
+  }
+
+  async api<T>(h: H, method: 'GET' | 'POST', path: string, body?: unknown, auth = true): Promise<{ status: number; json: T }> {
+    const res = await request(`${this.apiBase(h)}${path}`, {
+      method, body: body === undefined ? undefined : JSON.stringify(body),
+      headers: { 'content-type': 'application/json', ...(auth ? { authorization: `Bearer ${TOKEN}` } : {}) },
+      headersTimeout: 5000, bodyTimeout: 5000,
+    });
+    const text = await res.body.text();
+    return { status: res.statusCode, json: (text ? JSON.parse(text) : undefined) as T };
+  }
+
+  async status(h: H): Promise<StatusReport | null> {
+    try { return (await this.api<StatusReport>(h, 'GET', '/v1/status')).json; } catch { return null; }
+  }
+
+  async vmStatus(h: H, vm: string): Promise<VmStatus | null> {
+    return (await this.status(h))?.vms.find((v) => v.name === vm) ?? null;
+  }
+
+  async health(h: H): Promise<{ status: number; json: HealthReport } | null> {
+    try { return await this.api<HealthReport>(h, 'GET', '/health'); } catch { return null; }
+  }
+
+  /** Waits until the VM is protected: one host primary+protected, the other secondary. Returns the primary host. */
+  async waitProtected(vm: string, timeoutMs = 120_000): Promise<H> {
+    let last = '';
+    return waitUntil(async () => {
+      const [a, b] = await Promise.all([this.vmStatus('A', vm), this.vmStatus('B', vm)]);
+      last = `A=${a?.state ?? '?'} B=${b?.state ?? '?'}`;
+      if (a?.state === 'protected' && b?.state === 'secondary' && (b.checkpoints.count ?? 0) > 0) return 'A' as H;
+      if (b?.state === 'protected' && a?.state === 'secondary' && (a.checkpoints.count ?? 0) > 0) return 'B' as H;
+      return undefined;
+    }, timeoutMs, () => `VM ${vm} protected (${last})`);
+  }
+
+  serial(h: H, vm: string) { return parseSerial(this.serialLog(h, vm)); }
+
+  async teardown(): Promise<void> {
+    for (const h of ['A', 'B'] as H[]) this.killHost(h);
+    this.killWitness();
+    // QEMUs spawned by killed agents: find them by their state dir on the command line.
+    try { execFileSync('pkill', ['-9', '-f', `${this.dir}/`]); } catch { /* none */ }
+    await new Promise((r) => setTimeout(r, 300));
+    await this.tb.down();
+  }
+}
+
+export async function waitUntil<T>(f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs: number, what: string | (() => string), pollMs = 100): Promise<T> {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await f();
+    if (v !== undefined && v !== false) return v as T;
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${typeof what === 'string' ? what : what()}`);
+    await new Promise((r) => setTimeout(r, pollMs));
+  }
+}
