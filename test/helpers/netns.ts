@@ -108,7 +108,7 @@ export class NetnsTestbed {
     if (this.cuts.has('WA')) rules.push(...pair('A-m', 'W-m'));
     if (this.cuts.has('WB')) rules.push(...pair('B-m', 'W-m'));
     const script = `table bridge ftkvm_cuts\ndelete table bridge ftkvm_cuts\n` +
-      `table bridge ftkvm_cuts {\n chain fwd {\n  type filter hook forward priority 0; policy accept;\n` +
+      `table bridge ftkvm_cuts {\n chain cuts {\n  type filter hook forward priority 0; policy accept;\n` +
       rules.map((r) => `  ${r}\n`).join('') + ` }\n}\n`;
     await new Promise<void>((resolve, reject) => {
       const p = spawn('ip', ['netns', 'exec', this.ns.S, 'nft', '-f', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });

@@ -12,6 +12,8 @@ import type { StatusReport, HealthReport } from '../../agent/src/agent.ts';
 import type { VmStatus } from '../../agent/src/colo/vm.ts';
 
 export type H = 'A' | 'B';
+/** QEMU arguments that make the TCG shim see each dirty-bitmap sync and RAM-cache flush. */
+export const TCG_SHIM_TRACE_ARGS = ['-trace', 'enable=migration_bitmap_sync_end', '-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'];
 export const other = (h: H): H => (h === 'A' ? 'B' : 'A');
 export const TOKEN = 'test-token-0123456789abcdef';
 
@@ -24,6 +26,8 @@ export interface PairOptions {
   colo?: Record<string, unknown>;
   startupPeerWaitMs?: number;
   diskMib?: number;
+  /** Host A only, with a peer that does not exist (addresses that never answer). */
+  peerless?: boolean;
 }
 
 export class AgentPair {
@@ -57,15 +61,18 @@ export class AgentPair {
       writeFileSync(join(d, 'token'), TOKEN + '\n', { mode: 0o600 });
       for (const vm of this.o.vms) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(d, 'images', `${vm.name}.qcow2`), `${this.o.diskMib ?? 64}M`]);
       const o = other(h);
+      const peer = this.o.peerless
+        ? { name: `host${o}`, addresses: ['192.0.2.1', '192.0.2.2'], replication_address: '192.0.2.1' } // TEST-NET-1: nobody there
+        : { name: `host${o}`, addresses: [this.tb.addr[o].repl, this.tb.addr[o].mgmt], replication_address: this.tb.addr[o].repl };
       const cfg = {
         node: { name: `host${h}`, replication_address: this.tb.addr[h].repl },
-        peer: { name: `host${o}`, addresses: [this.tb.addr[o].repl, this.tb.addr[o].mgmt], replication_address: this.tb.addr[o].repl },
+        peer,
         heartbeat: { ...this.o.heartbeat },
         api: { listen: `${this.tb.addr[h].mgmt}:7480`, token_file: join(d, 'token') },
         qemu: {
           accelerator: 'tcg', env: { LD_PRELOAD: g.tcgShim },
-          // test-only: lets the TCG shim flush stale translations after each checkpoint
-          extra_args: ['-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'],
+          // test-only: the trace events the TCG shim hooks (see test/tcg-shim)
+          extra_args: TCG_SHIM_TRACE_ARGS,
         },
         state_dir: this.stateDir(h),
         colo: { checkpoint_delay_ms: this.o.checkpointDelayMs ?? 2000, startup_peer_wait_ms: this.o.startupPeerWaitMs ?? 3000, resync_retry_min_ms: 1000, ...this.o.colo },

@@ -1,0 +1,33 @@
+// Shared scaffolding for system tests: a fresh pair per test, logs attached on failure.
+import type { ExecutionContext } from 'ava';
+import { readFileSync } from 'node:fs';
+import { AgentPair, type PairOptions } from './pair.ts';
+import { sweepStaleTestbeds } from './netns.ts';
+
+let swept = false;
+
+export async function withPair<T>(t: ExecutionContext, index: number, o: PairOptions, body: (p: AgentPair) => Promise<T>): Promise<T> {
+  if (!swept) { await sweepStaleTestbeds(); swept = true; }
+  const p = new AgentPair(index, o);
+  await p.setup();
+  try {
+    return await body(p);
+  } catch (e) {
+    for (const h of ['A', 'B'] as const) {
+      let text = '';
+      try { text = readFileSync(p.agentLog(h), 'utf8'); } catch { /* none */ }
+      t.log(`---- agent ${h} log (last 60 lines)\n` + text.split('\n').filter((l) => !/ debug /.test(l)).slice(-60).join('\n'));
+    }
+    throw e;
+  } finally {
+    await p.teardown();
+  }
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Consecutive-value check: returns the first place where b != a + 1, or null. */
+export function firstGap(values: number[]): { i: number; prev: number; next: number } | null {
+  for (let i = 1; i < values.length; i++) if (values[i] !== values[i - 1]! + 1) return { i, prev: values[i - 1]!, next: values[i]! };
+  return null;
+}
