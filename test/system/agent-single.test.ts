@@ -114,7 +114,7 @@ test('a QEMU without COLO support is refused at start with the explanation (exit
 test('an invalid configuration is refused at start: exit 2, file, line and field named', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'ftkvm-badcfg-'));
   const cfg = minimalConfig(dir);
-  const text = stringify(cfg).replace('memory_mib: 128', 'memory_mib: "128M"').replace('port: 0', 'port: 7481');
+  const text = stringify(cfg).replace('memory_mib: 128', 'memory_mib: "128M"').replace('port: 0', 'port: 7481').replace('127.0.0.1:0', '127.0.0.1:17997');
   writeFileSync(join(dir, 'agent.yaml'), text);
   const r = await cli(['run', '--config', join(dir, 'agent.yaml')]);
   t.is(r.code, 2);
