@@ -14,6 +14,9 @@ import { execFile, spawn, type ChildProcess, type SpawnOptions } from 'node:chil
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
+// Absolute paths: under npm/npx, node_modules/.bin comes first on PATH and `nft` there is
+// @vercel/nft (an ava dependency) that exits 0 without touching the firewall.
+const NFT = '/usr/sbin/nft';
 
 export type HostId = 'A' | 'B' | 'W';
 export type Link = 'repl' | 'mgmt';
@@ -111,7 +114,7 @@ export class NetnsTestbed {
       `table bridge ftkvm_cuts {\n chain cuts {\n  type filter hook forward priority 0; policy accept;\n` +
       rules.map((r) => `  ${r}\n`).join('') + ` }\n}\n`;
     await new Promise<void>((resolve, reject) => {
-      const p = spawn('ip', ['netns', 'exec', this.ns.S, 'nft', '-f', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
+      const p = spawn('ip', ['netns', 'exec', this.ns.S, NFT, '-f', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
       let err = '';
       p.stderr.on('data', (d) => { err += d; });
       p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`nft failed: ${err}`))));

@@ -76,7 +76,8 @@ test('secondary host lost: the primary continues unprotected, health turns 503 w
     const killedAt = Date.now();
     p.killHost('B');
     await waitUntil(async () => (await p.vmStatus('A', 'db'))?.state === 'standalone' || undefined, 30_000, 'A standalone');
-    const h = (await p.health('A'))!;
+    // COLO_EXIT can make A drop the secondary before the heartbeat timeout declares B silent.
+    const h = await waitUntil(async () => { const x = await p.health('A'); return x?.json.problems.some((y) => y.subject === 'peer') ? x : undefined; }, 10_000, 'peer reported silent');
     t.is(h.status, 503);
     t.true(h.json.problems.some((x) => x.subject === 'peer' && /silent on all 2 heartbeat paths/.test(x.reason)), JSON.stringify(h.json));
     t.true(h.json.problems.some((x) => x.subject === 'vm/db' && /standalone/.test(x.reason)), JSON.stringify(h.json));

@@ -5,7 +5,7 @@ import type { VmSummary } from '../../agent/src/peer/heartbeat.ts';
 const base: DecideInput = {
   node: 'hostA', preferredPrimary: 'hostA', state: 'stopped', busy: false,
   durable: { epoch: 0, primaryEpoch: 0, fenced: false },
-  peer: 'alive', peerVm: undefined,
+  peer: 'alive', peerVm: undefined, replPathUp: true,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
   msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, takeoverRequested: null,
@@ -89,6 +89,15 @@ test('protected primary drops a dead, vanished, sick, stuck or storming secondar
   t.regex(P({ msSinceLastCheckpoint: 10_001 }).why, /no checkpoint for 10001 ms/);
   t.is(P({ msSinceLastCheckpoint: 9_999 }).kind, 'none');
   t.is(P({ stormReason: 'checkpoint storm' }).kind, 'drop-secondary');
+});
+
+test('replication network down while the peer is heard elsewhere: drop at once, do not re-protect', (t) => {
+  const r = d({ state: 'protected', peerVm: pv('secondary'), replPathUp: false });
+  t.is(r.kind, 'drop-secondary');
+  t.regex(r.why, /replication network to the peer is down/);
+  t.is(d({ state: 'standalone', peerVm: pv('stopped'), replPathUp: false }).kind, 'none');
+  // the secondary does not take over: its primary is alive (heard on the management path)
+  t.is(d({ state: 'secondary', peerVm: pv('protected'), replPathUp: false }).kind, 'none');
 });
 
 test('a protected primary keeps its replica while the peer agent merely restarts', (t) => {

@@ -18,6 +18,7 @@ export interface DecideInput {
   durable: { epoch: number; primaryEpoch: number; fenced: boolean };
   peer: PeerLiveness;
   peerVm: VmSummary | undefined;      // last summary the peer sent for this VM
+  replPathUp: boolean;                 // heartbeats answer on the replication network
   msSinceAgentStart: number;
   startupPeerWaitMs: number;
   heardPeerSinceStart: boolean;
@@ -84,6 +85,7 @@ export function decide(i: DecideInput): Action {
       }
       if (i.peer !== 'alive' || !pv) return none('unprotected: peer not available');
       if (isPrimaryState(pv.state) && pv.qemu) return none('peer also claims the VM; waiting for it to yield');
+      if (!i.replPathUp) return none('unprotected: replication network to the peer is down');
       if (i.nowMono < i.nextProtectAt) return none('unprotected: waiting before the next protection attempt');
       return { kind: 'protect', why: `peer is up and has no replica (peer state ${pv.state})` };
     }
@@ -92,6 +94,10 @@ export function decide(i: DecideInput): Action {
       if (i.peer === 'alive' && pv) {
         if (!pv.qemu || !['secondary', 'preparing'].includes(pv.state)) return { kind: 'drop-secondary', why: `peer reports its replica as ${pv.qemu ? pv.state : 'QEMU gone'}` };
         if (pv.sick) return { kind: 'drop-secondary', why: `secondary is sick: ${pv.sick}` };
+      }
+      if (i.peer === 'alive' && !i.replPathUp) {
+        // The peer is visible on another network: it will not take over; COLO cannot go on.
+        return { kind: 'drop-secondary', why: 'replication network to the peer is down (peer still heard on another path)' };
       }
       if (i.msSinceLastCheckpoint !== null && i.msSinceLastCheckpoint > i.checkpointStallMs) {
         return { kind: 'drop-secondary', why: `no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms (limit ${i.checkpointStallMs}): secondary stuck` };

@@ -23,6 +23,7 @@ import { CheckpointTracker, type CheckpointSnapshot } from './checkpoints.ts';
 import { decide, type Action, type PeerLiveness } from './decide.ts';
 import type { PromotionGate } from './gate.ts';
 import { vmPorts } from './ports.ts';
+import { destroyConnections, replicationSocketFilter } from './connections.ts';
 import * as seq from './sequences.ts';
 import { roleOf, isPrimaryState, type Role, type VmState } from './states.ts';
 
@@ -419,7 +420,7 @@ export class VmController {
       if (this.coloExited && this.state === 'protected') {
         const why = this.coloExited;
         this.coloExited = null;
-        await this.run({ kind: 'drop-secondary', why });
+        await this.run({ kind: 'drop-secondary', why }, 'alive');
         return;
       }
       this.coloExited = null;
@@ -427,6 +428,8 @@ export class VmController {
       const dur = this.durable();
       const pv = this.d.peerView().vms[this.name];
       if (pv && pv.epoch > dur.epoch) this.d.store.update(this.name, { epoch: pv.epoch });
+      const view = this.d.peerView();
+      const replPath = view.paths.find((x) => x.address === this.d.config.peer.replication_address);
       const action = decide({
         node: this.d.config.node.name,
         preferredPrimary: this.d.vm.preferred_primary,
@@ -435,6 +438,7 @@ export class VmController {
         durable: { epoch: this.durable().epoch, primaryEpoch: dur.primaryEpoch, fenced: !!dur.fenced },
         peer,
         peerVm: pv,
+        replPathUp: replPath ? replPath.up : view.alive,
         msSinceAgentStart: this.d.clock.mono() - this.d.agentStartMono,
         startupPeerWaitMs: this.d.config.colo.startup_peer_wait_ms,
         heardPeerSinceStart: this.d.heardPeerSinceStart(),
@@ -447,7 +451,7 @@ export class VmController {
         takeoverRequested: this.takeoverRequested,
       });
       this.lastWhy = action.why;
-      if (action.kind !== 'none') await this.run(action);
+      if (action.kind !== 'none') await this.run(action, peer);
     } catch (e) {
       this.log.error('control step failed', { error: errorMessage(e) });
     } finally {
@@ -455,14 +459,14 @@ export class VmController {
     }
   }
 
-  private async run(a: Action): Promise<void> {
+  private async run(a: Action, peerLiveness: PeerLiveness): Promise<void> {
     this.busy = true;
     this.log.info(`decision: ${a.kind}`, { why: a.why });
     try {
       switch (a.kind) {
         case 'cold-start': await this.coldStart(a.why); break;
         case 'protect': await this.protect(a.why); break;
-        case 'drop-secondary': await this.dropSecondary(a.why); break;
+        case 'drop-secondary': await this.dropSecondary(a.why, peerLiveness === 'dead'); break;
         case 'takeover': await this.takeover(a.why); break;
         case 'discard-secondary': await this.killQemu(`secondary discarded: ${a.why}`); this.sick = null; break;
         case 'demote': await this.demote(a.why); break;
@@ -588,14 +592,25 @@ export class VmController {
     }
   }
 
-  private async dropSecondary(why: string): Promise<void> {
+  private async dropSecondary(why: string, peerDead: boolean): Promise<void> {
     const q = this.qemu?.qmp;
     if (!q) return;
     const t0 = this.d.clock.now();
     const lastHeard = this.d.peerView().lastHeardMs;
     this.setState('dropping', why);
-    // Tell the secondary first (when reachable) so it never takes over with a stale copy.
-    await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why }, 1000).catch(() => undefined);
+    // A live secondary is told first, so it never takes over with a stale copy. A dead one
+    // cannot answer: do not make the guest wait for connect timeouts.
+    const release = this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why }, 1000).catch(() => undefined);
+    if (!peerDead) await release;
+    // In-flight replication I/O to a vanished host never completes on its own: end it.
+    try {
+      const filter = replicationSocketFilter(this.d.config.peer.replication_address, vmPorts(this.d.vm.base_port));
+      const r = await destroyConnections(this.d.exec, filter);
+      if (r.before > 0) this.log.info('replication connections closed', { closed: r.before - r.after, left: r.after });
+      if (r.after > 0) this.log.warn('could not close replication connections (kernel without CONFIG_INET_DIAG_DESTROY?); detaching may block until TCP gives up', { left: r.after });
+    } catch (e) {
+      this.log.warn('closing replication connections failed', { error: errorMessage(e) });
+    }
     try {
       await seq.primaryDropSecondary(q, { inColo: true });
     } catch (e) {
