@@ -21,6 +21,7 @@ import { FtkvmError, errorMessage } from './util/errors.ts';
 import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
+import { OperationRegistry } from './ops/operations.ts';
 
 export interface AgentDeps {
   config: Config;
@@ -56,8 +57,9 @@ export class Agent {
   private token = '';
   private store!: StateStore;
   private heartbeat!: HeartbeatService;
-  private peer!: PeerClient;
+  peer!: PeerClient;
   gate!: PromotionGate;
+  ops!: OperationRegistry;
   private probe: ProbeResult | null = null;
   private server: Server | undefined;
   private loop: NodeJS.Timeout | undefined;
@@ -107,6 +109,10 @@ export class Agent {
       }));
     }
     this.metrics.setSnapshot(() => this.gaugeSnapshot());
+    this.ops = new OperationRegistry({
+      config: c, log: this.log.child('ops'), metrics: this.metrics, peer: this.peer,
+      peerView: () => this.heartbeat.view(), vm: (n) => this.controllers.get(n), now: () => this.d.clock.now(),
+    });
     // Re-attach before anything can decide to start a VM.
     for (const v of this.controllers.values()) await v.init();
     await this.listen();

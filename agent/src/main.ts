@@ -10,6 +10,7 @@ import { errorCode, errorMessage } from './util/errors.ts';
 import { resolveTarget } from './cli/api-client.ts';
 import { EXIT } from './cli/exit-codes.ts';
 import { statusCommand } from './cli/status.ts';
+import { operationCommand } from './cli/ops.ts';
 import { HELP, commandHelp } from './cli/help.ts';
 import { VERSION, COMMIT } from './version.ts';
 
@@ -92,6 +93,9 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'status':
         return await statusCommand(target(), { json: !!o.json, check: !!o.check });
+      case 'drill':
+      case 'switchover':
+        return await operationCommand(target(), cmd, positionals[0], { wait: !!o.wait, json: !!o.json });
       default:
         process.stderr.write(`ftkvm-agent: unknown command "${cmd}"\n\n${HELP}\n`);
         return EXIT.USAGE;

@@ -47,6 +47,8 @@ export class NetnsTestbed {
     this.lanClient = `${this.lanPrefix}.100`;
   }
 
+  hostLanIp(h: 'A' | 'B'): string { return `${this.lanPrefix}.${h === 'A' ? 1 : 2}`; }
+
   /** Guest address n on the shared LAN (tests give each VM one). */
   guestIp(n = 10): string { return `${this.lanPrefix}.${n}`; }
 
@@ -76,6 +78,8 @@ export class NetnsTestbed {
       await this.nsip(ns, 'link', 'set', this.guestBridge, 'up');
       await plug(ns, 'uplink', `${h}-l`, 'br-lan');
       await this.nsip(ns, 'link', 'set', 'uplink', 'master', this.guestBridge);
+      // the host itself on the guest LAN (drill probes reach the guest from here)
+      await this.nsip(ns, 'addr', 'add', `${this.hostLanIp(h)}/24`, 'dev', this.guestBridge);
     }
     await plug(W, 'eth-mgmt', 'W-m', 'br-mgmt', `${this.addr.W.mgmt}/24`);
     // the test process itself: controller on mgmt, client on the guest LAN

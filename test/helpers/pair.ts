@@ -2,12 +2,13 @@
 // executable) with generated configs, real QEMU under TCG, the real test guest.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { stringify } from 'yaml';
 import { NetnsTestbed } from './netns.ts';
 import { AGENT_BIN, parseSerial, testGuest } from './guest.ts';
+import { TxnClient } from './traffic.ts';
 import type { StatusReport, HealthReport } from '../../agent/src/agent.ts';
 import type { VmStatus } from '../../agent/src/colo/vm.ts';
 
@@ -18,6 +19,7 @@ export const other = (h: H): H => (h === 'A' ? 'B' : 'A');
 export const TOKEN = 'test-token-0123456789abcdef';
 
 export interface VmSpec { name: string; vcpus?: number; memoryMib?: number; guestIp: number; basePort: number; mac?: string; preferred?: H; extraAppend?: string }
+export interface CliResult { code: number; stdout: string; stderr: string }
 export interface PairOptions {
   vms: VmSpec[];
   checkpointDelayMs?: number;
@@ -85,7 +87,7 @@ export class AgentPair {
           nic: { bridge: this.tb.guestBridge, mac: v.mac ?? `52:54:00:77:${(v.guestIp & 0xff).toString(16).padStart(2, '0')}:10` },
           base_port: v.basePort,
           preferred_primary: `host${v.preferred ?? 'A'}`,
-          probe: { address: this.tb.guestIp(v.guestIp), port: 7000 },
+          probe: { address: this.tb.guestIp(v.guestIp), port: 7000, request: 'inc', counter: true },
         })),
       };
       writeFileSync(this.configPath(h), stringify(cfg));
@@ -173,6 +175,21 @@ export class AgentPair {
   }
 
   serial(h: H, vm: string) { return parseSerial(this.serialLog(h, vm)); }
+
+  /** Waits until the guest's TCP service answers (the guest has booted). */
+  async waitGuestService(vm: string, timeoutMs = 60_000): Promise<void> {
+    const c = new TxnClient(this.guestIp(vm));
+    try { await c.open(timeoutMs); await c.get(); } finally { c.close(); }
+  }
+
+  /** Runs the agent binary's CLI inside a host namespace against that host's config. */
+  cli(h: H, args: string[], timeoutMs = 600_000): Promise<CliResult> {
+    return new Promise((resolve) => {
+      execFile('ip', ['netns', 'exec', this.tb.ns[h], AGENT_BIN, ...args, '--config', this.configPath(h)],
+        { timeout: timeoutMs, env: { ...process.env, NO_COLOR: '1' }, maxBuffer: 16 << 20 },
+        (err, stdout, stderr) => resolve({ code: err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0, stdout, stderr }));
+    });
+  }
 
   async teardown(): Promise<void> {
     for (const h of ['A', 'B'] as H[]) this.killHost(h);

@@ -98,12 +98,14 @@ test('secondary host lost: the primary continues unprotected, health turns 503 w
   });
 });
 
-test('one cut link changes nothing; cutting both links fails over (two-node mode, no witness)', async (t) => {
+test('one cut link: management → nothing happens; replication → primary drops the replica, no takeover, re-protects on repair; both cut → failover (two-node mode)', async (t) => {
   t.timeout(300_000);
   await withPair(t, 13, { vms: [{ name: 'app', guestIp: 30, basePort: 19200 }] }, async (p) => {
     p.startAgent('A'); p.startAgent('B');
     t.is(await p.waitProtected('app'), 'A');
     const ck0 = (await p.vmStatus('A', 'app'))!.checkpoints.count;
+
+    // 1. management link cut: heartbeats continue on the replication network.
     await p.tb.cut('mgmt');
     await sleep(5000); // ten heartbeat timeouts
     const [a, b] = [(await p.vmStatus('A', 'app'))!, (await p.vmStatus('B', 'app'))!];
@@ -118,8 +120,28 @@ test('one cut link changes nothing; cutting both links fails over (two-node mode
     const h = (await p.health('A'))!;
     t.is(h.status, 200);
     t.true(h.json.warnings.some((w) => /heartbeat path 1 .* silent/.test(w.reason)), JSON.stringify(h.json.warnings));
+    await p.tb.restore('mgmt');
 
+    // 2. replication link cut: COLO cannot continue; the peer is still heard, so nobody takes over.
+    const serial = new SerialWatcher(p.serialLog('A', 'app'));
+    const replCutAt = Date.now();
+    await p.tb.cut('repl');
+    const dropped = await waitUntil(async () => { const x = await p.vmStatus('A', 'app'); return x?.state === 'standalone' ? x : undefined; }, 30_000, 'A drops its replica');
+    t.regex(dropped.lastFailover!.reason, /replication network to the peer is down/);
+    await waitUntil(async () => (await p.vmStatus('B', 'app'))?.state === 'stopped' || undefined, 30_000, 'B discards its replica');
+    t.is((await p.vmStatus('B', 'app'))!.epoch, 1, 'B did not promote itself');
+    await sleep(2000);
+    serial.stop();
+    const ticks = serial.ticks();
+    const longest = Math.max(...ticks.slice(1).map((x, i) => x.at - ticks[i]!.at));
+    t.true(ticks.filter((x) => x.at > replCutAt + 3000).length >= 5, 'guest keeps running on A');
+    t.log(`replication link cut: replica dropped ${dropped.lastFailover!.at - replCutAt} ms after the cut; longest guest pause ${longest} ms`);
+    await p.tb.restore('repl');
+    t.is(await p.waitProtected('app', 60_000), 'A', 'protection rebuilt on the same primary after the repair');
+
+    // 3. both links cut: without a witness, B cannot tell a dead A from a partition.
     const cutAt = Date.now();
+    await p.tb.cut('mgmt');
     await p.tb.cut('repl');
     await waitUntil(async () => (await p.vmStatus('B', 'app'))?.state === 'standalone' || undefined, 30_000, 'B takes over');
     const sb = (await p.vmStatus('B', 'app'))!;

@@ -1,7 +1,11 @@
 // The agent's HTTP API. Read-only endpoints are served from state the agent keeps current (no
 // QMP round-trip on the hot path). /v1/peer/* is the agent-to-agent protocol.
 import type { Agent } from '../agent.ts';
-import { field, HttpError, type Route } from './http.ts';
+import { roleOf } from '../colo/states.ts';
+import { OperationRefused, type OperationKind } from '../ops/operations.ts';
+import { field, HttpError, type Ctx, type Reply, type Route } from './http.ts';
+
+const FORWARDED = 'x-ftkvm-forwarded';
 
 function vmOr404(agent: Agent, name: string) {
   const v = agent.vm(name);
@@ -9,8 +13,46 @@ function vmOr404(agent: Agent, name: string) {
   return v;
 }
 
+/** Drills and switchovers run on the VM's primary; the secondary's agent forwards them there. */
+function startOperation(agent: Agent, kind: OperationKind) {
+  return async (ctx: Ctx): Promise<Reply> => {
+    const name = ctx.params.name!;
+    const v = vmOr404(agent, name);
+    if (roleOf(v.state) === 'secondary' && !ctx.req.headers[FORWARDED]) {
+      const r = await agent.peer.callRaw(`POST`, `/v1/vms/${encodeURIComponent(name)}/${kind}`, {}, 10_000, { [FORWARDED]: '1' });
+      return { status: r.status, json: r.json };
+    }
+    try {
+      const op = await agent.ops.start(kind, name);
+      return { status: 202, json: { id: op.id, kind, vm: name, node: op.node, state: op.state, phase: op.phase, poll: `/v1/${kind}s/${op.id}` } };
+    } catch (e) {
+      if (e instanceof OperationRefused) throw new HttpError(e.status, e.code, e.message);
+      throw e;
+    }
+  };
+}
+
+function getOperation(agent: Agent, kind: OperationKind) {
+  return async (ctx: Ctx): Promise<Reply> => {
+    const op = agent.ops.get(ctx.params.id!);
+    if (op && op.kind === kind) return { json: op };
+    if (!ctx.req.headers[FORWARDED]) {
+      try {
+        const r = await agent.peer.callRaw(`GET`, `/v1/${kind}s/${encodeURIComponent(ctx.params.id!)}`, undefined, 5000, { [FORWARDED]: '1' });
+        if (r.status === 200) return { json: r.json };
+      } catch { /* peer unreachable: answer for this node */ }
+    }
+    throw new HttpError(404, 'NO_SUCH_OPERATION', `no ${kind} "${ctx.params.id}" on this node or its peer`);
+  };
+}
+
 export function buildRoutes(agent: Agent): Route[] {
   return [
+    { method: 'POST', path: '/v1/vms/:name/drill', access: 'write', handler: startOperation(agent, 'drill') },
+    { method: 'GET', path: '/v1/drills/:id', access: 'read', handler: getOperation(agent, 'drill') },
+    { method: 'GET', path: '/v1/drills', access: 'read', handler: () => ({ json: agent.ops.list('drill') }) },
+    { method: 'POST', path: '/v1/vms/:name/switchover', access: 'write', handler: startOperation(agent, 'switchover') },
+    { method: 'GET', path: '/v1/switchovers/:id', access: 'read', handler: getOperation(agent, 'switchover') },
     {
       method: 'GET', path: '/health', access: 'read',
       handler: () => { const h = agent.health(); return { status: h.healthy ? 200 : 503, json: h }; },

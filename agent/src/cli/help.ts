@@ -5,6 +5,8 @@ Usage: ftkvm-agent <command> [options]
 Commands:
   run            run the agent (systemd service): supervise QEMU, replicate, fail over, serve the API
   status         show this node, its peer, witness and every protected VM (--json for scripts)
+  drill VM       failover drill: crash the primary's QEMU, verify takeover, probe and re-protection
+  switchover VM  planned move of the primary role to the other host (then re-protected back)
   check-config   validate agent.yaml and exit
   version        print version and git commit
 
@@ -34,6 +36,20 @@ last, pause), resync progress and the last failover; plus peer heartbeat paths a
 
 Validates agent.yaml exactly as \`run\` does (schema, addresses, ports, files) and exits 0 or 2.`,
   version: 'Usage: ftkvm-agent version   (or --version)',
+  drill: `Usage: ftkvm-agent drill VM [--wait] [--json] [--config PATH | --url URL]
+
+Fails the VM's current primary QEMU the way a crash would (SIGKILL), lets the secondary take
+over, waits for protection to be rebuilt onto the old primary and reports: failover time,
+the guest probe (vms[].probe: connection kept, transactions consecutive), checkpoints
+before/after, re-protection time, verdict. Refused (exit 5) when the VM is not fully
+protected. Can be run on either host: the secondary forwards it to the primary.
+  --wait   show progress and the final report; exit 0 on pass, 5 on fail`,
+  switchover: `Usage: ftkvm-agent switchover VM [--wait] [--json] [--config PATH | --url URL]
+
+Planned maintenance: moves the primary role to the other host (the secondary takes over from
+its replica; nothing the guest acknowledged is lost) and rebuilds protection onto the old
+primary, so that host can be patched later with another switchover. Refused (exit 5) when
+the VM is not fully protected.`,
 };
 
 export function commandHelp(cmd: string): string {

@@ -212,7 +212,16 @@ export class VmController {
     switch (e.event) {
       case 'STOP':
         this.runState = 'paused';
-        if (this.state === 'protected' || this.state === 'secondary') this.ckpt.stop(t);
+        if (this.state === 'protected' || this.state === 'secondary') {
+          this.ckpt.stop(t);
+          // A checkpoint normally takes well under a second; say so when one does not.
+          const stoppedAt = this.ckpt.count;
+          setTimeout(() => {
+            if (this.runState === 'paused' && this.ckpt.count === stoppedAt && (this.state === 'protected' || this.state === 'secondary')) {
+              this.log.warn('checkpoint has kept the guest paused for 3 s', { state: this.state, checkpoints: this.ckpt.count });
+            }
+          }, 3000).unref();
+        }
         break;
       case 'RESUME':
         this.runState = 'running';
@@ -711,6 +720,21 @@ export class VmController {
     if (this.state !== 'secondary') throw new VmBusyError(this.name, `cannot take over from state ${this.state}`);
     this.takeoverRequested = `requested by the primary: ${reason}`;
     void this.tick();
+  }
+
+  /**
+   * Is the replica usable right now? Heartbeat summaries can be 100 ms old; before deliberately
+   * killing the primary, ask QEMU itself. Returns null when fine, else why not.
+   */
+  async replicaProblemNow(): Promise<string | null> {
+    if (this.state !== 'protected' || !this.qemu?.alive()) return `state ${this.state}`;
+    if (!(await this.coloChannelUp())) return 'the secondary QEMU is not connected to the primary';
+    const m = await this.qemu.qmp.execute<{ status?: string }>('query-migrate', undefined, { timeoutMs: 2000 }).catch(() => ({ status: 'unknown' }));
+    if (m.status !== 'colo') return `migration status is ${m.status}, not colo`;
+    const since = this.d.clock.now() - (this.ckpt.lastAt ?? this.stateSince);
+    const limit = 2 * checkpointDelay(this.d.config, this.d.vm) + 3000;
+    if (since > limit) return `no checkpoint for ${Math.round(since)} ms`;
+    return null;
   }
 
   /** Drill/switchover on the primary: kill this node's QEMU as a crash would. */

@@ -54,7 +54,17 @@ const vm = z.object({
   base_port: z.number().int().min(1024).max(65535 - VM_PORT_SPAN),
   preferred_primary: nodeName,
   checkpoint_delay_ms: ms(100, 60_000).optional(),
-  probe: z.object({ address: ip, port }).strict().optional(),
+  // What a drill checks in the guest: a TCP service reachable from the hosts. With `request`,
+  // the drill sends that line repeatedly over ONE connection and expects one reply line each;
+  // with `counter: true` replies are integers that must go up by exactly one (no acknowledged
+  // transaction lost or repeated across the failover).
+  probe: z.object({
+    address: ip,
+    port,
+    request: z.string().regex(/^[^\r\n]{1,200}$/, 'one line, at most 200 characters').optional(),
+    counter: z.boolean().default(false),
+    interval_ms: z.number().int().min(5).max(10_000).default(50),
+  }).strict().optional(),
 }).strict();
 
 export const configSchema = z.object({
@@ -82,6 +92,7 @@ export const configSchema = z.object({
     tls: z.object({ cert_file: absPath, key_file: absPath, ca_file: absPath.optional() }).strict().optional(),
     max_body_bytes: z.number().int().min(256).max(16 * 1024 * 1024).default(64 * 1024),
     max_concurrent_drills: z.number().int().min(1).max(64).default(1),
+    drill_timeout_s: z.number().int().min(10).max(24 * 3600).default(900),
   }).strict().default({}),
   qemu: z.object({
     binary: absPath.default('/usr/bin/qemu-system-x86_64'),

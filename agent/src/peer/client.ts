@@ -34,7 +34,12 @@ export class PeerClient {
     });
   }
 
-  async call<T>(method: 'GET' | 'POST', path: string, body: unknown, timeoutMs: number): Promise<T> {
+  async call<T>(method: 'GET' | 'POST', path: string, body: unknown, timeoutMs: number, extraHeaders: Record<string, string> = {}): Promise<T> {
+    return (await this.callRaw<T>(method, path, body, timeoutMs, extraHeaders, true)).json;
+  }
+
+  /** Like call(), but with `throwOnStatus: false` returns 4xx/5xx answers instead of throwing. */
+  async callRaw<T>(method: 'GET' | 'POST', path: string, body: unknown, timeoutMs: number, extraHeaders: Record<string, string> = {}, throwOnStatus = false): Promise<{ status: number; json: T }> {
     const order = this.o.preferred?.() ?? this.o.addresses.map((_, i) => i);
     const scheme = this.o.tls ? 'https' : 'http';
     let lastErr: unknown;
@@ -45,18 +50,18 @@ export class PeerClient {
         const res = await request(`${scheme}://${host}:${this.o.port}${path}`, {
           method,
           dispatcher: this.dispatcher,
-          headers: { authorization: `Bearer ${this.o.token()}`, 'content-type': 'application/json' },
+          headers: { authorization: `Bearer ${this.o.token()}`, 'content-type': 'application/json', ...extraHeaders },
           body: body === undefined ? undefined : JSON.stringify(body),
           headersTimeout: timeoutMs,
           bodyTimeout: timeoutMs,
         });
         const text = await res.body.text();
         const json = text ? JSON.parse(text) as unknown : undefined;
-        if (res.statusCode >= 400) {
+        if (res.statusCode >= 400 && throwOnStatus) {
           const msg = (json as { error?: { message?: string } } | undefined)?.error?.message ?? text;
           throw new PeerRpcError(`peer ${method} ${path} → ${res.statusCode}: ${msg}`, res.statusCode);
         }
-        return json as T;
+        return { status: res.statusCode, json: json as T };
       } catch (e) {
         if (e instanceof PeerRpcError && e.status !== null) throw e; // the peer answered: do not retry elsewhere
         lastErr = e;
