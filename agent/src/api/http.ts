@@ -114,11 +114,16 @@ export function createRouter(routes: Route[], o: RouterOptions) {
 
   return async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     try {
-      const url = new URL(req.url ?? '/', 'http://x');
-      const matches = compiled.filter((r) => r.re.test(url.pathname));
-      if (matches.length === 0) return fail(res, 404, 'NOT_FOUND', `no such endpoint: ${url.pathname}`);
+      // Not `new URL()`: a request line like "//x" would parse as a protocol-relative URL.
+      const rawUrl = req.url ?? '/';
+      const q = rawUrl.indexOf('?');
+      const pathname = q >= 0 ? rawUrl.slice(0, q) : rawUrl;
+      const query = new URLSearchParams(q >= 0 ? rawUrl.slice(q + 1) : '');
+      const shown = pathname.length > 200 ? pathname.slice(0, 200) + '…' : pathname;
+      const matches = compiled.filter((r) => r.re.test(pathname));
+      if (matches.length === 0) return fail(res, 404, 'NOT_FOUND', `no such endpoint: ${shown}`);
       const route = matches.find((r) => r.method === req.method);
-      if (!route) return fail(res, 405, 'METHOD_NOT_ALLOWED', `${req.method} not allowed on ${url.pathname}`, undefined, { allow: [...new Set(matches.map((m) => m.method))].join(', ') });
+      if (!route) return fail(res, 405, 'METHOD_NOT_ALLOWED', `${req.method} not allowed on ${shown}`, undefined, { allow: [...new Set(matches.map((m) => m.method))].join(', ') });
       const authed = tokenOk(req, o.token());
       if (route.access === 'write' && !authed) {
         if (!req.headers.authorization) return fail(res, 401, 'UNAUTHENTICATED', 'this endpoint needs "Authorization: Bearer <token>" (token file: api.token_file)', undefined, { 'www-authenticate': 'Bearer' });
@@ -127,11 +132,13 @@ export function createRouter(routes: Route[], o: RouterOptions) {
       if (route.access === 'read' && !authed && o.readAllow && !ipInCidrs(req.socket.remoteAddress ?? '', o.readAllow)) {
         return fail(res, 403, 'FORBIDDEN', `source ${req.socket.remoteAddress} not in api.read_allow; send a bearer token`);
       }
-      const m = route.re.exec(url.pathname)!;
+      const m = route.re.exec(pathname)!;
       const params: Record<string, string> = {};
-      route.keys.forEach((k, i) => { params[k] = decodeURIComponent(m[i + 1]!); });
+      for (const [i, k] of route.keys.entries()) {
+        try { params[k] = decodeURIComponent(m[i + 1]!); } catch { return fail(res, 400, 'BAD_PATH', `malformed percent-encoding in ${k}`); }
+      }
       let bodyP: Promise<unknown> | undefined;
-      const ctx: Ctx = { req, params, query: url.searchParams, body: () => (bodyP ??= readBody(req, o.maxBodyBytes)) };
+      const ctx: Ctx = { req, params, query, body: () => (bodyP ??= readBody(req, o.maxBodyBytes)) };
       if (req.method === 'POST') await ctx.body(); // enforce limits and syntax even when the handler ignores the body
       else req.resume();
       send(res, await route.handler(ctx));
