@@ -19,6 +19,7 @@ import type { Clock } from './util/clock.ts';
 import type { Exec } from './util/exec.ts';
 import { FtkvmError, errorMessage } from './util/errors.ts';
 import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
+import { WitnessGate } from './witness/client.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { OperationRegistry } from './ops/operations.ts';
@@ -85,7 +86,9 @@ export class Agent {
     this.probe = await probeQemu(c.qemu.binary, c.qemu.accelerator, c.qemu.env, this.log);
     if (this.probe.problems.length > 0) throw new QemuNotColoCapableError(this.probe);
     this.store = new StateStore(c.state_dir, c.node.name);
-    this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness')) : new TwoNodeGate();
+    this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness'))
+      : c.witness.url ? new WitnessGate({ url: c.witness.url, node: c.node.name, leaseMs: c.witness.lease_ms, token: () => this.token, clock: this.d.clock, log: this.log.child('witness') })
+        : new TwoNodeGate();
     if (this.gate.mode === 'two-node') this.log.warn('two-node mode: no witness; a network partition between the hosts can make both run a VM (split brain)');
     this.peer = new PeerClient({
       addresses: c.peer.addresses, port: peerApiPort(c), token: () => this.token,
@@ -122,7 +125,10 @@ export class Agent {
   }
 
   private kick(): void {
-    for (const v of this.controllers.values()) void v.tick();
+    for (const v of this.controllers.values()) {
+      v.fenceWatch(); // never waits behind tick()
+      void v.tick();
+    }
   }
 
   private preferredPaths(): number[] {
@@ -164,6 +170,7 @@ export class Agent {
   async stop(): Promise<void> {
     if (this.loop) clearInterval(this.loop);
     this.heartbeat?.stop();
+    this.gate?.stop();
     for (const v of this.controllers.values()) v.detach();
     await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
     this.server?.closeAllConnections?.();

@@ -13,6 +13,7 @@ import { statusCommand } from './cli/status.ts';
 import { operationCommand } from './cli/ops.ts';
 import { HELP, commandHelp } from './cli/help.ts';
 import { VERSION, COMMIT } from './version.ts';
+import { WitnessServer } from './witness/server.ts';
 
 const DEFAULT_CONFIG = '/etc/ftkvm/agent.yaml';
 
@@ -93,6 +94,22 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'status':
         return await statusCommand(target(), { json: !!o.json, check: !!o.check });
+      case 'witness': {
+        if (!o.listen) { process.stderr.write(`ftkvm-agent witness: --listen ADDRESS:PORT is required\n${commandHelp('witness')}\n`); return EXIT.USAGE; }
+        const log = createLogger({ component: 'witness' });
+        const w = new WitnessServer({ listen: o.listen, dataDir: o['data-dir'] ?? '/var/lib/ftkvm-witness', tokenFile: o['token-file'] ?? '/etc/ftkvm/token', log });
+        try {
+          await w.start();
+        } catch (e) {
+          process.stderr.write(`ftkvm-agent witness: cannot start: ${errorMessage(e)}\n`);
+          return EXIT.USAGE;
+        }
+        return await new Promise<number>((resolve) => {
+          const stop = () => void w.stop().then(() => resolve(EXIT.OK));
+          process.once('SIGTERM', stop);
+          process.once('SIGINT', stop);
+        });
+      }
       case 'drill':
       case 'switchover':
         return await operationCommand(target(), cmd, positionals[0], { wait: !!o.wait, json: !!o.json });
@@ -106,5 +123,5 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || process.argv[2] !== 'run') setTimeout(() => process.exit(code), 50).unref(); },
+main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || (process.argv[2] !== 'run' && process.argv[2] !== 'witness')) setTimeout(() => process.exit(code), 50).unref(); },
   (e) => { process.stderr.write(`ftkvm-agent: ${errorMessage(e)}\n`); process.exit(EXIT.FAILURE); });

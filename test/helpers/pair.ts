@@ -134,10 +134,10 @@ export class AgentPair {
     return pid;
   }
 
-  /** SIGKILL a whole "host": its agent and every QEMU it runs. */
+  /** SIGKILL a whole "host": its agent first (so it cannot report anything), then every QEMU. */
   killHost(h: H): void {
-    for (const vm of this.o.vms) this.killQemu(h, vm.name);
     this.killAgent(h);
+    for (const vm of this.o.vms) this.killQemu(h, vm.name);
   }
 
   async api<T>(h: H, method: 'GET' | 'POST', path: string, body?: unknown, auth = true): Promise<{ status: number; json: T }> {

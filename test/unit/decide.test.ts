@@ -5,7 +5,7 @@ import type { VmSummary } from '../../agent/src/peer/heartbeat.ts';
 const base: DecideInput = {
   node: 'hostA', preferredPrimary: 'hostA', state: 'stopped', busy: false,
   durable: { epoch: 0, primaryEpoch: 0, fenced: false },
-  peer: 'alive', peerVm: undefined, replPathUp: true,
+  peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
   msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, takeoverRequested: null,
@@ -69,14 +69,25 @@ test('standalone primary protects when the peer is up and has no replica', (t) =
   t.is(d({ state: 'standalone', peer: 'dead' }).kind, 'none');
 });
 
-test('split brain after a partition: the primary with the older epoch yields', (t) => {
+test('split brain after a partition: the primary promoted earlier yields', (t) => {
   const older = d({ state: 'standalone', durable: { epoch: 3, primaryEpoch: 3, fenced: false }, peerVm: pv('standalone', { epoch: 4, primaryEpoch: 4 }) });
   t.is(older.kind, 'demote');
   const newer = d({ state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 3, primaryEpoch: 3 }) });
   t.is(newer.kind, 'none');
-  // equal epochs cannot both be legitimate: the preferred primary keeps it
-  t.is(d({ state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 4 }) }).kind, 'none');
-  t.is(d({ node: 'hostB', state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 4 }) }).kind, 'demote');
+  // equal promotion epochs cannot both be legitimate: the preferred primary keeps it
+  t.is(d({ state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 4, primaryEpoch: 4 }) }).kind, 'none');
+  t.is(d({ node: 'hostB', state: 'standalone', durable: { epoch: 4, primaryEpoch: 4, fenced: false }, peerVm: pv('standalone', { epoch: 4, primaryEpoch: 4 }) }).kind, 'demote');
+});
+
+test('a stale primary that merely HEARD the newer epoch still yields (regression)', (t) => {
+  // A was primary at 1, B took over at 2 during a partition; A's heartbeats taught it epoch 2.
+  const a = d({ node: 'hostA', preferredPrimary: 'hostA', state: 'standalone', durable: { epoch: 2, primaryEpoch: 1, fenced: false }, peerVm: pv('standalone', { epoch: 2, primaryEpoch: 2 }) });
+  t.is(a.kind, 'demote');
+  // and B, seeing A at primary epoch 1, keeps running
+  const b = d({ node: 'hostB', preferredPrimary: 'hostA', state: 'standalone', durable: { epoch: 2, primaryEpoch: 2, fenced: false }, peerVm: pv('fenced', { epoch: 2, primaryEpoch: 1 }) });
+  t.is(b.kind, 'none');
+  const fenced = d({ node: 'hostA', state: 'fenced', lease: 'expired', durable: { epoch: 2, primaryEpoch: 1, fenced: true }, peerVm: pv('stopped', { epoch: 2, primaryEpoch: 2, qemu: false }) });
+  t.is(fenced.kind, 'demote', 'the peer promoted after us even though it is not running now');
 });
 
 test('protected primary drops a dead, vanished, sick, stuck or storming secondary', (t) => {
@@ -129,4 +140,39 @@ test('a replica whose primary died before the first checkpoint is discarded, not
   const r = d({ state: 'preparing', peer: 'dead', peerVm: pv('syncing') });
   t.is(r.kind, 'discard-secondary');
   t.regex(r.why, /not consistent/);
+});
+
+// ---------------------------------------------------------------- witness leases
+test('an isolated primary without a valid lease fences itself, even while busy, after two silent intervals', (t) => {
+  const f = d({ state: 'protected', peer: 'dead', lease: 'expired', leaseReason: 'witness unreachable', peerVm: pv('secondary'), peerSilentMs: 650 });
+  t.is(f.kind, 'fence');
+  t.regex(f.why, /isolated: peer silent for 650 ms and no valid lease \(witness unreachable\)/);
+  t.is(d({ state: 'standalone', peer: 'dead', lease: 'expired', peerSilentMs: 650 }).kind, 'fence');
+  t.is(d({ state: 'dropping', busy: true, peer: 'alive', lease: 'expired', peerSilentMs: 250 }).kind, 'fence', 'preempts a running operation, before the heartbeat timeout');
+  t.is(d({ state: 'standalone', peer: 'alive', lease: 'expired', peerSilentMs: 150 }).kind, 'none', 'one lost heartbeat is not isolation');
+  // with the lease it goes on (protected: drops the dead replica)
+  t.is(d({ state: 'protected', peer: 'dead', lease: 'held' }).kind, 'drop-secondary');
+  t.is(d({ state: 'standalone', peer: 'dead', lease: 'held' }).kind, 'none');
+  // the witness being down while the peer is visible changes nothing
+  t.is(d({ state: 'protected', peer: 'alive', lease: 'expired', peerVm: pv('secondary') }).kind, 'none');
+  // with a valid lease, an agent restart on the peer (silent heartbeats) is not a reason to pause
+  t.is(d({ state: 'standalone', peer: 'agent-down', lease: 'held', peerSilentMs: 5000 }).kind, 'none');
+});
+
+test('a primary whose lease went to the other node is demoted at once', (t) => {
+  for (const state of ['standalone', 'protected', 'fenced', 'syncing'] as const) {
+    const r = d({ state, lease: 'lost', leaseReason: 'witness: stale epoch 3: hostB holds epoch 4', peerVm: pv('secondary') });
+    t.is(r.kind, 'demote', state);
+  }
+});
+
+test('a fenced primary resumes only when it learns it still owns the current epoch', (t) => {
+  t.is(d({ state: 'fenced', peer: 'dead', lease: 'expired' }).kind, 'none');
+  t.is(d({ state: 'fenced', peer: 'dead', lease: 'held' }).kind, 'unfence');
+  const back = d({ state: 'fenced', peer: 'alive', lease: 'expired', durable: { epoch: 3, primaryEpoch: 3, fenced: true }, peerVm: pv('stopped', { epoch: 3 }) });
+  t.is(back.kind, 'unfence');
+  t.regex(back.why, /peer is back, is not primary/);
+  const newer = d({ state: 'fenced', peer: 'alive', lease: 'expired', durable: { epoch: 3, primaryEpoch: 3, fenced: true }, peerVm: pv('standalone', { epoch: 4, primaryEpoch: 4 }) });
+  t.is(newer.kind, 'demote');
+  t.is(d({ state: 'fenced', peer: 'alive', lease: 'expired', durable: { epoch: 3, primaryEpoch: 3, fenced: true }, peerVm: pv('stopped', { epoch: 4 }) }).kind, 'demote');
 });

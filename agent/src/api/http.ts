@@ -144,9 +144,9 @@ export function createRouter(routes: Route[], o: RouterOptions) {
       send(res, await route.handler(ctx));
     } catch (e) {
       if (e instanceof HttpError) return fail(res, e.status, e.code, e.message, e.details);
-      o.onError?.(e, req);
       const code = errorCode(e);
       const status = code === 'VM_BUSY' || code === 'STALE_EPOCH' ? 409 : 500;
+      if (status === 500) o.onError?.(e, req); // refusals are answers, not errors
       return fail(res, status, code, errorMessage(e));
     }
   };

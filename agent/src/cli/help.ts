@@ -7,6 +7,7 @@ Commands:
   status         show this node, its peer, witness and every protected VM (--json for scripts)
   drill VM       failover drill: crash the primary's QEMU, verify takeover, probe and re-protection
   switchover VM  planned move of the primary role to the other host (then re-protected back)
+  witness        run the witness lease service (third machine)
   check-config   validate agent.yaml and exit
   version        print version and git commit
 
@@ -36,6 +37,11 @@ last, pause), resync progress and the last failover; plus peer heartbeat paths a
 
 Validates agent.yaml exactly as \`run\` does (schema, addresses, ports, files) and exits 0 or 2.`,
   version: 'Usage: ftkvm-agent version   (or --version)',
+  witness: `Usage: ftkvm-agent witness --listen ADDRESS:PORT [--data-dir /var/lib/ftkvm-witness] [--token-file /etc/ftkvm/token]
+
+The lease service that decides who may run a VM as primary when the two hosts cannot see
+each other. Run it on a third machine reachable from both hosts' management networks.
+Leases (holder, epoch, expiry) are stored durably in the data directory. Same token as the pair.`,
   drill: `Usage: ftkvm-agent drill VM [--wait] [--json] [--config PATH | --url URL]
 
 Fails the VM's current primary QEMU the way a crash would (SIGKILL), lets the secondary take

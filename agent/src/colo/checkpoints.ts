@@ -7,6 +7,14 @@ export interface CheckpointSnapshot {
   lastPauseMs: number | null;
   /** Checkpoints per second over the recent window (mismatch storms show up here). */
   ratePerS: number;
+  /** Guest pause per checkpoint over the last (up to) 500 checkpoints. */
+  pauseP50Ms: number | null;
+  pauseP99Ms: number | null;
+}
+
+function quantile(sorted: number[], q: number): number | null {
+  if (sorted.length === 0) return null;
+  return Math.round(sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]! * 10) / 10;
 }
 
 export class CheckpointTracker {
@@ -15,6 +23,7 @@ export class CheckpointTracker {
   lastPauseMs: number | null = null;
   private stoppedAt: number | null = null;
   private recent: number[] = [];
+  private pauses: number[] = [];
   private readonly windowMs: number;
   private readonly onCheckpoint: (pauseMs: number) => void;
 
@@ -33,6 +42,8 @@ export class CheckpointTracker {
     this.lastAt = atMs;
     this.lastPauseMs = Math.round(pause * 10) / 10;
     this.recent.push(atMs);
+    this.pauses.push(pause);
+    if (this.pauses.length > 500) this.pauses.shift();
     this.prune(atMs);
     this.onCheckpoint(pause);
   }
@@ -46,6 +57,10 @@ export class CheckpointTracker {
 
   snapshot(now: number): CheckpointSnapshot {
     this.prune(now);
-    return { count: this.count, lastAt: this.lastAt, lastPauseMs: this.lastPauseMs, ratePerS: (this.recent.length * 1000) / this.windowMs };
+    const sorted = [...this.pauses].sort((a, b) => a - b);
+    return {
+      count: this.count, lastAt: this.lastAt, lastPauseMs: this.lastPauseMs, ratePerS: (this.recent.length * 1000) / this.windowMs,
+      pauseP50Ms: quantile(sorted, 0.5), pauseP99Ms: quantile(sorted, 0.99),
+    };
   }
 }

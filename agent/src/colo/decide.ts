@@ -2,6 +2,7 @@
 // rule is unit-tested with fabricated inputs. The controller runs the chosen action.
 import type { VmSummary } from '../peer/heartbeat.ts';
 import { isPrimaryState, type VmState } from './states.ts';
+import type { LeaseState } from './gate.ts';
 
 /**
  * alive: heartbeats arrive. agent-down: heartbeats silent but the peer host answers and its
@@ -19,6 +20,8 @@ export interface DecideInput {
   peer: PeerLiveness;
   peerVm: VmSummary | undefined;      // last summary the peer sent for this VM
   replPathUp: boolean;                 // heartbeats answer on the replication network
+  lease: LeaseState;                   // this node's lease for the VM ('held' in two-node mode)
+  leaseReason: string | null;
   msSinceAgentStart: number;
   startupPeerWaitMs: number;
   heardPeerSinceStart: boolean;
@@ -29,6 +32,8 @@ export interface DecideInput {
   checkpointStallMs: number;
   stormReason: string | null;          // primary: checkpoint storm detected
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
+  peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
+  heartbeatIntervalMs: number;
 }
 
 export type Action =
@@ -39,21 +44,47 @@ export type Action =
   | { kind: 'takeover'; why: string }
   | { kind: 'discard-secondary'; why: string }
   | { kind: 'demote'; why: string }
-  | { kind: 'check-fence'; why: string };
+  | { kind: 'fence'; why: string }
+  | { kind: 'unfence'; why: string };
 
 const none = (why: string): Action => ({ kind: 'none', why });
 
-/** Peer's running primary is newer than ours (split brain after a partition): who yields? */
+/**
+ * Both nodes run the VM as primary (split brain after a partition): who yields? The node that
+ * was promoted LATER (higher promotion epoch) is the legitimate one. Compare promotion epochs,
+ * never "highest epoch heard of": a stale node learns the peer's epoch from its heartbeats.
+ */
 function yieldsTo(i: DecideInput): boolean {
-  const theirs = i.peerVm!.epoch, mine = i.durable.epoch;
+  const theirs = i.peerVm!.primaryEpoch ?? 0, mine = i.durable.primaryEpoch;
   if (theirs !== mine) return theirs > mine;
-  return i.preferredPrimary !== i.node; // equal epochs cannot both be legitimate: the preferred node keeps it
+  return i.preferredPrimary !== i.node; // equal promotion epochs cannot both be legitimate: the preferred node keeps it
+}
+
+/**
+ * Safety first, and before anything else (even while another operation runs): a primary whose
+ * lease expired and that no longer hears its peer must stop its outputs now. Two silent
+ * heartbeat intervals are enough here — long before the other host could decide the primary
+ * is dead (heartbeat timeout + host probe) and be granted the lease.
+ */
+export function mustFence(i: Pick<DecideInput, 'state' | 'lease' | 'leaseReason' | 'peerSilentMs' | 'heartbeatIntervalMs'>): Action | null {
+  const primaryRunning = i.state === 'standalone' || i.state === 'protected' || i.state === 'syncing' || i.state === 'dropping';
+  if (!primaryRunning || i.lease !== 'expired') return null;
+  const silent = i.peerSilentMs === null || i.peerSilentMs > 2 * i.heartbeatIntervalMs;
+  if (!silent) return null;
+  return { kind: 'fence', why: `isolated: peer silent for ${i.peerSilentMs ?? 'ever'} ms and no valid lease (${i.leaseReason})` };
 }
 
 export function decide(i: DecideInput): Action {
+  const fence = mustFence(i);
+  if (fence) return fence;
   if (i.busy) return none('an operation is in progress');
   const pv = i.peerVm;
   const peerRuns = i.peer === 'alive' && pv !== undefined && pv.qemu && isPrimaryState(pv.state);
+
+  // A primary whose lease went to another node (newer epoch) must stop being primary at once.
+  if (isPrimaryState(i.state) && i.state !== 'starting' && i.state !== 'taking-over' && i.lease === 'lost') {
+    return { kind: 'demote', why: `lost the lease: ${i.leaseReason}` };
+  }
 
   switch (i.state) {
     case 'stopped': {
@@ -81,7 +112,7 @@ export function decide(i: DecideInput): Action {
     }
     case 'standalone': {
       if (i.peer === 'alive' && pv && pv.qemu && isPrimaryState(pv.state) && yieldsTo(i)) {
-        return { kind: 'demote', why: `peer also runs the VM as primary with epoch ${pv.epoch} (this node: ${i.durable.epoch}); this copy is stale` };
+        return { kind: 'demote', why: `peer also runs the VM as primary, promoted at epoch ${pv.primaryEpoch} (this node at ${i.durable.primaryEpoch}); this copy is stale` };
       }
       if (i.peer !== 'alive' || !pv) return none('unprotected: peer not available');
       if (isPrimaryState(pv.state) && pv.qemu) return none('peer also claims the VM; waiting for it to yield');
@@ -119,8 +150,19 @@ export function decide(i: DecideInput): Action {
       if (i.peer === 'alive' && pv && pv.state !== 'syncing') return { kind: 'discard-secondary', why: `primary is no longer building this replica (peer state ${pv.state})` };
       return none('waiting for the primary\'s COLO stream');
     }
-    case 'fenced':
-      return { kind: 'check-fence', why: 'fenced: checking whether this node still owns the current epoch' };
+    case 'fenced': {
+      if (i.peer === 'alive' && pv && pv.qemu && isPrimaryState(pv.state) && yieldsTo(i)) {
+        return { kind: 'demote', why: `peer runs the VM as primary, promoted at epoch ${pv.primaryEpoch}; this paused copy is stale` };
+      }
+      if (i.peer === 'alive' && pv && pv.epoch > i.durable.primaryEpoch) {
+        return { kind: 'demote', why: `peer knows of a promotion after this node's (epoch ${pv.epoch} > ${i.durable.primaryEpoch}); this paused copy is stale` };
+      }
+      if (i.lease === 'held') return { kind: 'unfence', why: 'the witness renewed this node\'s lease: it still owns the current epoch' };
+      if (i.peer === 'alive' && pv && !(pv.qemu && isPrimaryState(pv.state))) {
+        return { kind: 'unfence', why: `peer is back, is not primary and knows no newer promotion (epoch ${pv.epoch} <= ${i.durable.primaryEpoch})` };
+      }
+      return none('fenced: paused until this node learns it still owns the current epoch');
+    }
     default:
       return none(`in transition (${i.state})`);
   }

@@ -1,13 +1,17 @@
-// The promotion gate: asked before a node becomes primary (takeover, cold start) and, while a
-// primary is isolated from its peer, before it may keep running. The witness implementation
-// (witness/client.ts) grants only to the holder of the VM's lease; two-node mode always grants
-// and is documented as unsafe against partitions.
+// The promotion gate: asked before a node becomes primary (takeover, cold start), and —
+// through the lease it keeps renewing — whether an isolated primary may go on running. The
+// witness implementation (witness/client.ts) grants only to the holder of the VM's lease;
+// two-node mode always grants and is documented as unsafe against partitions.
 export interface GateDecision {
   granted: boolean;
-  /** Epoch the lease is held at (witness) or the requested epoch (two-node). */
   epoch: number;
   reason: string;
+  retryAfterMs?: number | null;
 }
+
+/** held: valid now · expired: we hold it but could not renew in time · lost: someone else has a newer epoch · none: not kept */
+export type LeaseState = 'held' | 'expired' | 'lost' | 'none';
+export interface LeaseView { state: LeaseState; reason: string | null; validForMs: number | null }
 
 export interface WitnessStatus {
   mode: 'witness' | 'two-node';
@@ -15,17 +19,18 @@ export interface WitnessStatus {
   reachable: boolean | null;   // null: not applicable (two-node)
   lastContactMs: number | null;
   error: string | null;
+  leaseMs: number | null;
 }
 
 export interface PromotionGate {
   readonly mode: 'witness' | 'two-node';
-  /** Take the VM's lease at `epoch` (a new, higher epoch when promoting). */
+  /** Take (or renew) the VM's lease at `epoch` (a new, higher epoch when promoting). */
   acquire(vm: string, epoch: number, reason: string): Promise<GateDecision>;
-  /** Keep the lease at `epoch`; false when another node holds a newer epoch or the witness is unreachable. */
-  renew(vm: string, epoch: number): Promise<GateDecision>;
-  /** Latest known epoch for the VM at the witness (null when unknown). */
-  currentEpoch(vm: string): Promise<number | null>;
+  /** Keep renewing the lease of `vm` at `epoch` in the background; null stops. */
+  keep(vm: string, epoch: number | null): void;
+  lease(vm: string): LeaseView;
   status(): WitnessStatus;
+  stop(): void;
 }
 
 export class TwoNodeGate implements PromotionGate {
@@ -33,9 +38,8 @@ export class TwoNodeGate implements PromotionGate {
   async acquire(_vm: string, epoch: number): Promise<GateDecision> {
     return { granted: true, epoch, reason: 'two-node mode: no witness configured (unsafe against partitions)' };
   }
-  async renew(_vm: string, epoch: number): Promise<GateDecision> {
-    return { granted: true, epoch, reason: 'two-node mode' };
-  }
-  async currentEpoch(): Promise<number | null> { return null; }
-  status(): WitnessStatus { return { mode: 'two-node', url: null, reachable: null, lastContactMs: null, error: null }; }
+  keep(): void { /* nothing to renew */ }
+  lease(): LeaseView { return { state: 'held', reason: 'two-node mode', validForMs: null }; }
+  status(): WitnessStatus { return { mode: 'two-node', url: null, reachable: null, lastContactMs: null, error: null, leaseMs: null }; }
+  stop(): void { /* nothing */ }
 }

@@ -20,7 +20,7 @@ import type { Clock } from '../util/clock.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
 import type { Exec } from '../util/exec.ts';
 import { CheckpointTracker, type CheckpointSnapshot } from './checkpoints.ts';
-import { decide, type Action, type PeerLiveness } from './decide.ts';
+import { decide, mustFence, type Action, type PeerLiveness } from './decide.ts';
 import type { PromotionGate } from './gate.ts';
 import { vmPorts } from './ports.ts';
 import { destroyConnections, replicationSocketFilter } from './connections.ts';
@@ -133,6 +133,11 @@ export class VmController {
   // ------------------------------------------------------------------ state
 
   private setState(to: VmState, reason: string): void {
+    if (this.durable().fenced && (to === 'standalone' || to === 'protected' || to === 'syncing' || to === 'dropping')) {
+      // An action that started before the fence must not make the VM look (or be) running.
+      this.log.warn(`not switching to ${to} while fenced`, { reason });
+      to = 'fenced';
+    }
     const from = this.state;
     if (from === to && reason === this.stateReason) return;
     this.state = to;
@@ -140,6 +145,8 @@ export class VmController {
     this.stateReason = reason;
     if (from !== to) {
       this.log.info(`${from} -> ${to}`, { reason });
+      const keep = to === 'standalone' || to === 'syncing' || to === 'protected' || to === 'dropping' || to === 'fenced';
+      this.d.gate.keep(this.name, keep ? this.durable().primaryEpoch : null);
       if (to === 'protected') this.protectedSince = this.d.clock.mono();
       if (to !== 'protected' && to !== 'secondary') this.ckpt.reset();
     }
@@ -241,6 +248,9 @@ export class VmController {
   }
 
   private coloExited: string | null = null;
+  private lastRefusal: string | null = null;
+  private fencing = false;
+  private lastLoggedDecision = '';
 
   private onQemuExit(h: QemuHandle, info: ExitInfo): void {
     if (this.qemu !== h) return;
@@ -420,6 +430,24 @@ export class VmController {
     } catch { /* no serial log yet */ }
   }
 
+  /**
+   * The fence watchdog: synchronous, no I/O before deciding, independent of tick() (which can
+   * be held up by a running action or a probe). Called every heartbeat interval.
+   */
+  fenceWatch(): void {
+    if (this.fencing || this.stopped || !this.qemu) return;
+    const view = this.d.peerView();
+    const lease = this.d.gate.lease(this.name);
+    const a = mustFence({
+      state: this.state, lease: lease.state, leaseReason: lease.reason,
+      peerSilentMs: view.lastHeardMs,
+      heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
+    });
+    if (!a) return;
+    this.fencing = true;
+    void this.fence(a.why).finally(() => { this.fencing = false; });
+  }
+
   /** One control step: evaluate, decide, act. Called periodically and on events. */
   async tick(): Promise<void> {
     if (this.ticking || this.stopped) return;
@@ -434,10 +462,12 @@ export class VmController {
       }
       this.coloExited = null;
       const peer = await this.liveness();
+      if (this.state === 'fenced' && this.busy) return;
       const dur = this.durable();
       const pv = this.d.peerView().vms[this.name];
       if (pv && pv.epoch > dur.epoch) this.d.store.update(this.name, { epoch: pv.epoch });
       const view = this.d.peerView();
+      const lease = this.d.gate.lease(this.name);
       const replPath = view.paths.find((x) => x.address === this.d.config.peer.replication_address);
       const action = decide({
         node: this.d.config.node.name,
@@ -448,19 +478,28 @@ export class VmController {
         peer,
         peerVm: pv,
         replPathUp: replPath ? replPath.up : view.alive,
+        lease: lease.state,
+        leaseReason: lease.reason,
         msSinceAgentStart: this.d.clock.mono() - this.d.agentStartMono,
         startupPeerWaitMs: this.d.config.colo.startup_peer_wait_ms,
         heardPeerSinceStart: this.d.heardPeerSinceStart(),
         nowMono: this.d.clock.mono(),
         nextProtectAt: this.nextProtectAt,
         nextStartAt: this.nextStartAt,
-        msSinceLastCheckpoint: this.state === 'protected' ? this.d.clock.now() - (this.ckpt.lastAt ?? this.stateSince) : null,
+        // since the last checkpoint OF THIS protection period (lastAt may be from an earlier one)
+        msSinceLastCheckpoint: this.state === 'protected' ? this.d.clock.now() - Math.max(this.ckpt.lastAt ?? 0, this.stateSince) : null,
         checkpointStallMs: checkpointStallMs(this.d.config, this.d.vm),
         stormReason: this.stormReason(),
         takeoverRequested: this.takeoverRequested,
+        peerSilentMs: view.lastHeardMs,
+        heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
       });
       this.lastWhy = action.why;
-      if (action.kind !== 'none') await this.run(action, peer);
+      if (action.kind === 'fence') {
+        this.fenceWatch(); // same rule, same single path
+      } else if (action.kind !== 'none') {
+        await this.run(action, peer);
+      }
     } catch (e) {
       this.log.error('control step failed', { error: errorMessage(e) });
     } finally {
@@ -470,7 +509,9 @@ export class VmController {
 
   private async run(a: Action, peerLiveness: PeerLiveness): Promise<void> {
     this.busy = true;
-    this.log.info(`decision: ${a.kind}`, { why: a.why });
+    const key = `${a.kind}:${a.why}`;
+    if (key !== this.lastLoggedDecision) this.log.info(`decision: ${a.kind}`, { why: a.why });
+    this.lastLoggedDecision = key;
     try {
       switch (a.kind) {
         case 'cold-start': await this.coldStart(a.why); break;
@@ -479,7 +520,8 @@ export class VmController {
         case 'takeover': await this.takeover(a.why); break;
         case 'discard-secondary': await this.killQemu(`secondary discarded: ${a.why}`); this.sick = null; break;
         case 'demote': await this.demote(a.why); break;
-        case 'check-fence': await this.checkFence(); break;
+        case 'fence': await this.fence(a.why); break;
+        case 'unfence': await this.unfence(a.why); break;
         case 'none': break;
       }
     } catch (e) {
@@ -494,13 +536,16 @@ export class VmController {
   private async coldStart(why: string): Promise<void> {
     const dur = this.durable();
     const epoch = dur.epoch + 1;
-    this.setState('starting', why);
     const g = await this.d.gate.acquire(this.name, epoch, why);
     if (!g.granted) {
-      this.nextStartAt = this.d.clock.mono() + 5000;
-      this.setState('stopped', `not starting: ${g.reason}`);
+      this.nextStartAt = this.d.clock.mono() + 2000;
+      if (this.lastRefusal !== g.reason) this.log.warn('not starting the VM', { why, refused: g.reason });
+      this.lastRefusal = g.reason;
+      this.lastWhy = `not starting: ${g.reason}`;
       return;
     }
+    this.lastRefusal = null;
+    this.setState('starting', why);
     this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
     // With the peer up, boot paused: the replica is built before the first instruction runs.
     const peerUp = this.d.peerView().alive;
@@ -533,7 +578,8 @@ export class VmController {
       const size = blk.find((b) => b.device === 'colo-disk0')?.inserted?.image['virtual-size'];
       if (!size) throw new FtkvmError('NO_DISK', 'colo-disk0 not found in query-block');
       const dur = this.durable();
-      await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/prepare`, { epoch: dur.epoch, sizeBytes: size, primary: this.d.config.node.name } satisfies PrepareRequest, 60_000);
+      // Our CLAIM (promotion epoch): a stale primary that merely heard a newer epoch is refused.
+      await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/prepare`, { epoch: dur.primaryEpoch, sizeBytes: size, primary: this.d.config.node.name } satisfies PrepareRequest, 60_000);
       this.resync = { ...this.resync, phase: 'mirroring', bytesTotal: size };
       let lastDone = 0, lastLog = 0;
       await seq.primaryMirror(q, a, (p) => {
@@ -604,6 +650,11 @@ export class VmController {
   private async dropSecondary(why: string, peerDead: boolean): Promise<void> {
     const q = this.qemu?.qmp;
     if (!q) return;
+    if (peerDead && this.d.gate.mode === 'witness') {
+      // Keep running alone only with the lease: renew now rather than trust the last renewal.
+      const g = await this.d.gate.acquire(this.name, this.durable().primaryEpoch, why);
+      if (!g.granted) { await this.fence(`${why}; ${g.reason}`); return; }
+    }
     const t0 = this.d.clock.now();
     const lastHeard = this.d.peerView().lastHeardMs;
     this.setState('dropping', why);
@@ -626,7 +677,7 @@ export class VmController {
       this.log.error('dropping the secondary failed halfway', { error: errorMessage(e) });
     }
     const st = await q.execute<{ running: boolean }>('query-status').catch(() => ({ running: true }));
-    if (!st.running) await q.execute('cont').catch((e) => this.log.error('cont failed', { error: errorMessage(e) }));
+    if (!st.running && !this.durable().fenced) await q.execute('cont').catch((e) => this.log.error('cont failed', { error: errorMessage(e) }));
     const seqMs = this.d.clock.now() - t0;
     const reason: FailoverReason = /stall/.test(why) ? 'checkpoint-stall' : /storm/.test(why) ? 'checkpoint-storm' : /sick/.test(why) ? 'secondary-sick' : 'secondary-lost';
     this.d.metrics.failover(this.name, reason);
@@ -641,14 +692,19 @@ export class VmController {
     const t0 = this.d.clock.now();
     const lastHeard = this.d.peerView().lastHeardMs;
     const requested = this.takeoverRequested;
-    this.takeoverRequested = null;
-    this.setState('taking-over', why);
     const epoch = this.durable().epoch + 1;
+    // Ask the gate BEFORE changing anything: a refusal (the old primary's lease is still valid)
+    // is retried on the next control step.
     const g = await this.d.gate.acquire(this.name, epoch, why);
     if (!g.granted) {
-      this.setState('secondary', `takeover refused by the witness: ${g.reason}`);
+      if (this.lastRefusal !== g.reason) this.log.warn('takeover not allowed (yet)', { why, refused: g.reason });
+      this.lastRefusal = g.reason;
+      this.lastWhy = `takeover refused: ${g.reason}`;
       return;
     }
+    this.lastRefusal = null;
+    this.takeoverRequested = null;
+    this.setState('taking-over', why);
     this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
     await seq.secondaryTakeover(q);
     this.recordProcessRole('primary');
@@ -668,8 +724,47 @@ export class VmController {
     await this.killQemu(`stale primary discarded: ${why}`);
   }
 
-  private async checkFence(): Promise<void> {
-    // Implemented with the witness (issue: split-brain prevention).
+  /**
+   * Isolated without a lease: stop the guest's outputs NOW. Order matters:
+   *  1. end the replication connections — in-flight NBD writes to the unreachable secondary
+   *     would otherwise block QMP (a `stop` drains the disks first);
+   *  2. set_link hn0 off — from here on every packet towards the tap is dropped (also packets
+   *     colo-compare would release later);
+   *  3. stop the vCPUs.
+   * COLO is NOT left here: when the primary leaves COLO, QEMU calls vm_start() on its own
+   * (migration_iteration_finish), which would resume a fenced guest. The COLO thread stays
+   * parked after its failed checkpoint until we unfence.
+   */
+  private async fence(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q || this.state === 'fenced') return;
+    const t0 = this.d.clock.now();
+    this.d.store.update(this.name, { fenced: true });
+    // Sockets first: QMP commands are answered in order, and one stuck draining an NBD write to
+    // the unreachable secondary would hold set_link/stop back.
+    await destroyConnections(this.d.exec, replicationSocketFilter(this.d.config.peer.replication_address, vmPorts(this.d.vm.base_port)))
+      .catch((e) => this.log.warn('closing replication connections failed', { error: errorMessage(e) }));
+    await q.execute('set_link', { name: 'hn0', up: false }, { timeoutMs: 2000 }).catch((e) => this.log.error('set_link off failed while fencing', { error: errorMessage(e) }));
+    await q.execute('stop', undefined, { timeoutMs: 5000 }).catch((e) => this.log.error('stop failed while fencing', { error: errorMessage(e) }));
+    this.log.error('FENCED: guest network cut and vCPUs paused', { why, ms: this.d.clock.now() - t0 });
+    this.setState('fenced', `paused: ${why}`);
+  }
+
+  /** This node still owns the current epoch: leave COLO (if still in it), resume, reconnect. */
+  private async unfence(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q) return;
+    const mig = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'unknown' }));
+    if (mig.status === 'colo') {
+      await seq.primaryDropSecondary(q, { inColo: true }).catch((e) => this.log.error('leaving COLO while unfencing failed', { error: errorMessage(e) }));
+    }
+    const st = await q.execute<{ running: boolean }>('query-status');
+    if (!st.running) await q.execute('cont');
+    await q.execute('set_link', { name: 'hn0', up: true });
+    this.d.store.update(this.name, { fenced: false });
+    this.log.warn('fence lifted: guest resumed', { why });
+    this.nextProtectAt = 0;
+    this.setState('standalone', `resumed: ${why}`);
   }
 
   // ------------------------------------------------------------------ peer RPC handlers
@@ -679,7 +774,7 @@ export class VmController {
     if (isPrimaryState(this.state)) throw new VmBusyError(this.name, `this node runs the VM as ${this.state}; refusing to become a secondary`);
     if (this.busy) throw new VmBusyError(this.name, 'an operation is in progress');
     const dur = this.durable();
-    if (req.epoch < dur.epoch) throw new FtkvmError('STALE_EPOCH', `primary's epoch ${req.epoch} is older than this node's ${dur.epoch}`);
+    if (req.epoch < dur.epoch) throw new FtkvmError('STALE_EPOCH', `${req.primary} was promoted at epoch ${req.epoch}, older than epoch ${dur.epoch} known here: it is not the current primary`);
     this.busy = true;
     try {
       if (this.qemu) await this.killQemu('replaced by a fresh secondary');
@@ -731,7 +826,7 @@ export class VmController {
     if (!(await this.coloChannelUp())) return 'the secondary QEMU is not connected to the primary';
     const m = await this.qemu.qmp.execute<{ status?: string }>('query-migrate', undefined, { timeoutMs: 2000 }).catch(() => ({ status: 'unknown' }));
     if (m.status !== 'colo') return `migration status is ${m.status}, not colo`;
-    const since = this.d.clock.now() - (this.ckpt.lastAt ?? this.stateSince);
+    const since = this.d.clock.now() - Math.max(this.ckpt.lastAt ?? 0, this.stateSince);
     const limit = 2 * checkpointDelay(this.d.config, this.d.vm) + 3000;
     if (since > limit) return `no checkpoint for ${Math.round(since)} ms`;
     return null;

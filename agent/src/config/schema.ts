@@ -116,7 +116,7 @@ export const configSchema = z.object({
   }).strict().default({}),
   witness: z.object({
     url: z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL').optional(),
-    lease_ms: ms(500, 600_000).default(3_000),
+    lease_ms: ms(500, 600_000).default(1_000),
     two_node_mode: z.boolean().default(false),
   }).strict(),
   log_level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),

@@ -28,6 +28,7 @@ export function buildQemuArgv(c: Config, vm: VmConfig, paths: VmPaths, spec: Lau
   a.push('-nodefaults', '-no-user-config', '-display', 'none', '-msg', 'timestamp=on');
   a.push('-chardev', `file,id=serial0,path=${paths.serialLog},append=on`, '-serial', 'chardev:serial0');
   a.push('-qmp', `unix:${paths.qmpSocket},server=on,wait=off`);
+  a.push('-qmp', `unix:${paths.observerSocket},server=on,wait=off`);
   if ('kernel' in vm.boot) {
     a.push('-kernel', vm.boot.kernel);
     if (vm.boot.initrd) a.push('-initrd', vm.boot.initrd);

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 export interface VmPaths {
   dir: string;
   qmpSocket: string;
+  observerSocket: string;  // a second QMP monitor for inspection tools (never used by the agent)
   processRecord: string;   // JSON: pid, start time, role — how a restarted agent finds its QEMU
   serialLog: string;
   qemuLog: string;         // QEMU's stdout/stderr (a file, never a pipe: QEMU must outlive the agent)
@@ -16,6 +17,7 @@ export function vmPaths(stateDir: string, vm: string): VmPaths {
   return {
     dir,
     qmpSocket: join(dir, 'qmp.sock'),
+    observerSocket: join(dir, 'qmp-observer.sock'),
     processRecord: join(dir, 'qemu.json'),
     serialLog: join(dir, 'serial.log'),
     qemuLog: join(dir, 'qemu.log'),

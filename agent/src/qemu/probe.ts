@@ -91,7 +91,7 @@ export async function introspect(qmp: QmpClient, binary: string): Promise<Parame
 /** Starts the binary with no machine, asks it over QMP, stops it. */
 export async function probeQemu(binary: string, accelerator: string, env: Record<string, string>, log: Logger): Promise<ProbeResult> {
   const dir = mkdtempSync(join(tmpdir(), 'ftkvm-probe-'));
-  const paths = { dir, qmpSocket: join(dir, 'qmp.sock'), processRecord: join(dir, 'qemu.json'), serialLog: join(dir, 'serial.log'),
+  const paths = { dir, qmpSocket: join(dir, 'qmp.sock'), observerSocket: '', processRecord: join(dir, 'qemu.json'), serialLog: join(dir, 'serial.log'),
     qemuLog: join(dir, 'qemu.log'), secondaryActive: '', secondaryHidden: '' };
   let handle;
   try {

@@ -1,0 +1,145 @@
+// The agent's side of the witness: leases for promotions, and background renewal of every
+// lease this node holds as primary. A lease counts as valid until (time the renewal was SENT
+// + lease length − margin): never later than the witness's own expiry, so a primary that
+// pauses itself when its lease runs out has always paused before the witness could grant the
+// VM to the other host.
+import { Agent, request } from 'undici';
+import type { Clock } from '../util/clock.ts';
+import type { Logger } from '../log/logger.ts';
+import { errorMessage } from '../util/errors.ts';
+import type { GateDecision, LeaseView, PromotionGate, WitnessStatus } from '../colo/gate.ts';
+
+export interface WitnessClientOptions { url: string; node: string; leaseMs: number; token: () => string; clock: Clock; log: Logger }
+
+interface AcquireAnswer { granted: boolean; holder: string; epoch: number; expiresInMs: number; reason?: string; retryAfterMs?: number | null }
+
+export class WitnessGate implements PromotionGate {
+  readonly mode = 'witness' as const;
+  private readonly o: WitnessClientOptions;
+  private readonly dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
+  private readonly kept = new Map<string, number>();
+  private readonly validUntil = new Map<string, number>();
+  private readonly lostWhy = new Map<string, string>();
+  private lastOk: number | null = null;
+  private lastError: string | null = null;
+  private timer: NodeJS.Timeout;
+  private readonly renewMs: number;
+  private readonly marginMs: number;
+  private renewing = false;
+
+  constructor(o: WitnessClientOptions) {
+    this.o = o;
+    this.renewMs = Math.max(50, Math.floor(o.leaseMs / 5));
+    // The control loop notices an expired lease up to one step (100 ms) late, and pausing takes
+    // a few ms: stop trusting the lease well before the witness could give it away.
+    this.marginMs = Math.max(300, Math.floor(o.leaseMs / 4));
+    this.timer = setInterval(() => void this.renewAll(), this.renewMs);
+    this.timer.unref();
+  }
+
+  private async post(vm: string, epoch: number): Promise<{ status: number; body: AcquireAnswer; sentAt: number }> {
+    const sentAt = this.o.clock.mono();
+    const res = await request(`${this.o.url.replace(/\/$/, '')}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
+      method: 'POST', dispatcher: this.dispatcher,
+      headers: { authorization: `Bearer ${this.o.token()}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ node: this.o.node, epoch, leaseMs: this.o.leaseMs }),
+      headersTimeout: Math.max(200, this.renewMs * 2), bodyTimeout: Math.max(200, this.renewMs * 2),
+    });
+    const body = (await res.body.json()) as AcquireAnswer;
+    this.lastOk = this.o.clock.mono();
+    this.lastError = null;
+    return { status: res.statusCode, body, sentAt };
+  }
+
+  private record(vm: string, epoch: number, r: { status: number; body: AcquireAnswer; sentAt: number }): GateDecision {
+    if (r.status === 200 && r.body.granted) {
+      this.validUntil.set(vm, r.sentAt + this.o.leaseMs - this.marginMs);
+      this.lostWhy.delete(vm);
+      return { granted: true, epoch, reason: `lease for epoch ${epoch} granted by the witness` };
+    }
+    const reason = r.body.reason ?? `HTTP ${r.status}`;
+    if (r.status === 409 && (r.body.epoch > epoch || (r.body.epoch === epoch && r.body.holder !== this.o.node))) {
+      this.lostWhy.set(vm, `witness: ${reason}`);
+      this.validUntil.delete(vm);
+    }
+    return { granted: false, epoch, reason: `witness refused: ${reason}`, retryAfterMs: r.body.retryAfterMs ?? null };
+  }
+
+  async acquire(vm: string, epoch: number, _reason: string): Promise<GateDecision> {
+    try {
+      return this.record(vm, epoch, await this.post(vm, epoch));
+    } catch (e) {
+      this.lastError = errorMessage(e);
+      return { granted: false, epoch, reason: `witness ${this.o.url} unreachable: ${this.lastError}` };
+    }
+  }
+
+  keep(vm: string, epoch: number | null): void {
+    if (epoch === null) {
+      if (this.kept.delete(vm)) { this.validUntil.delete(vm); this.lostWhy.delete(vm); }
+      return;
+    }
+    if (this.kept.get(vm) !== epoch) {
+      this.kept.set(vm, epoch);
+      void this.renewOne(vm, epoch);
+    }
+  }
+
+  private async renewOne(vm: string, epoch: number): Promise<void> {
+    try {
+      const r = await this.post(vm, epoch);
+      if (this.kept.get(vm) !== epoch) return;
+      const d = this.record(vm, epoch, r);
+      if (!d.granted && this.lostWhy.has(vm)) this.o.log.error('lease lost', { vm, epoch, why: this.lostWhy.get(vm) });
+    } catch (e) {
+      const msg = errorMessage(e);
+      if (msg !== this.lastError) this.o.log.warn('witness unreachable', { url: this.o.url, error: msg });
+      this.lastError = msg;
+    }
+  }
+
+  /** Nothing to renew: still find out whether the witness is there (health reports it). */
+  private async ping(): Promise<void> {
+    try {
+      const res = await request(`${this.o.url.replace(/\/$/, '')}/health`, { dispatcher: this.dispatcher, headersTimeout: 1000, bodyTimeout: 1000 });
+      await res.body.dump();
+      if (res.statusCode !== 200) throw new Error(`HTTP ${res.statusCode}`);
+      this.lastOk = this.o.clock.mono();
+      this.lastError = null;
+    } catch (e) {
+      this.lastError = errorMessage(e);
+    }
+  }
+
+  private async renewAll(): Promise<void> {
+    if (this.renewing) return;
+    this.renewing = true;
+    try {
+      if (this.kept.size === 0) await this.ping();
+      await Promise.all([...this.kept].map(([vm, epoch]) => this.renewOne(vm, epoch)));
+    } finally {
+      this.renewing = false;
+    }
+  }
+
+  lease(vm: string): LeaseView {
+    const lost = this.lostWhy.get(vm);
+    if (lost) return { state: 'lost', reason: lost, validForMs: null };
+    const until = this.validUntil.get(vm);
+    const now = this.o.clock.mono();
+    if (until !== undefined && until > now) return { state: 'held', reason: null, validForMs: Math.round(until - now) };
+    if (this.kept.has(vm)) return { state: 'expired', reason: `lease not renewed in time (witness: ${this.lastError ?? 'no answer'})`, validForMs: 0 };
+    return { state: 'none', reason: null, validForMs: null };
+  }
+
+  status(): WitnessStatus {
+    const now = this.o.clock.mono();
+    const reachable = this.lastOk !== null && now - this.lastOk < Math.max(3 * this.renewMs, 1000) && this.lastError === null;
+    return { mode: 'witness', url: this.o.url, reachable, lastContactMs: this.lastOk === null ? null : Math.round(now - this.lastOk), error: this.lastError, leaseMs: this.o.leaseMs };
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    void this.dispatcher.close();
+  }
+}

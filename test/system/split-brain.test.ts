@@ -1,0 +1,108 @@
+// Split-brain prevention with the witness: cut every link between the hosts with the witness
+// reachable from both, one, or neither side. Both QEMUs are polled directly all along: at no
+// moment may two guests run as primaries; after healing exactly one primary remains and the
+// VM is protected again.
+import test, { type ExecutionContext } from 'ava';
+import { withPair, sleep } from '../helpers/system.ts';
+import { waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
+import { PrimaryWatch } from '../helpers/primary-watch.ts';
+
+type Reach = 'both' | 'A' | 'B' | 'none';
+
+async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect: (s: { A: string; B: string }) => Promise<void>) {
+  p.startWitness();
+  p.startAgent('A'); p.startAgent('B');
+  t.is(await p.waitProtected('vm'), 'A');
+  await p.waitGuestService('vm');
+  const watch = new PrimaryWatch(p, 'vm');
+  await sleep(1000);
+  const t0 = Date.now();
+  await p.tb.cut('repl');
+  await p.tb.cut('mgmt');
+  if (reach === 'B' || reach === 'none') await p.tb.cutWitness('A');
+  if (reach === 'A' || reach === 'none') await p.tb.cutWitness('B');
+  await sleep(8000); // many heartbeat timeouts and lease periods
+  const during = { A: (await p.vmStatus('A', 'vm'))!.state, B: (await p.vmStatus('B', 'vm'))!.state };
+  await expect(during);
+  await p.tb.restoreAll();
+  const healedAt = Date.now();
+  const prim = await p.waitProtected('vm', 120_000);
+  await sleep(2000);
+  await watch.stop();
+  t.log(`witness reachable from ${reach}: during the partition A=${during.A} B=${during.B}; protected again ${Date.now() - healedAt} ms after healing with primary ${prim}`);
+  t.log(`QEMU run states: ${watch.timeline(t0)}`);
+  t.deepEqual(watch.violations, [], 'two guests ran as primaries at the same time');
+  t.true(watch.samples.length > 100, `polled ${watch.samples.length} times`);
+  const last = watch.lastSettled()!;
+  t.is([last.A, last.B].filter((x) => x === 'PRIMARY').length, 1, `exactly one primary after healing (${last.A}/${last.B})`);
+  return prim;
+}
+
+const pairOpts = { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }], witness: true };
+
+test('partition, witness reachable from both: the primary keeps the lease and runs; the secondary does not take over', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 51, pairOpts, async (p) => {
+    const prim = await partition(t, p, 'both', async (s) => {
+      t.is(s.A, 'standalone', 'A goes on alone: it holds the lease');
+      t.not(s.B, 'standalone', 'B must not promote itself');
+    });
+    t.is(prim, 'A');
+  });
+});
+
+test('partition, witness reachable only from the secondary: the primary fences itself, the secondary takes over after the lease expired', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 52, pairOpts, async (p) => {
+    const prim = await partition(t, p, 'B', async (s) => {
+      t.is(s.A, 'fenced');
+      t.is(s.B, 'standalone');
+      t.is((await p.vmStatus('B', 'vm'))!.epoch, 2);
+    });
+    t.is(prim, 'B', 'the stale primary (epoch 1) became the secondary');
+    t.is((await p.vmStatus('A', 'vm'))!.epoch, 2);
+  });
+});
+
+test('partition, witness reachable only from the primary: the primary runs on, the secondary cannot promote', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 53, pairOpts, async (p) => {
+    const prim = await partition(t, p, 'A', async (s) => {
+      t.is(s.A, 'standalone');
+      t.not(s.B, 'standalone');
+    });
+    t.is(prim, 'A');
+  });
+});
+
+test('partition, witness reachable from neither: the primary fences itself, nobody runs it; after healing it resumes', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 54, pairOpts, async (p) => {
+    const prim = await partition(t, p, 'none', async (s) => {
+      t.is(s.A, 'fenced');
+      t.not(s.B, 'standalone');
+    });
+    t.is(prim, 'A', 'nobody took over: the fenced primary resumed');
+    t.is((await p.vmStatus('A', 'vm'))!.epoch, 1);
+  });
+});
+
+test('witness down while the peers see each other: nothing changes, health reports the witness', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 55, pairOpts, async (p) => {
+    p.startWitness();
+    p.startAgent('A'); p.startAgent('B');
+    t.is(await p.waitProtected('vm'), 'A');
+    await waitUntil(async () => (await p.health('A'))?.status === 200 || undefined, 10_000, 'healthy');
+    p.killWitness();
+    const h = await waitUntil(async () => { const x = await p.health('A'); return x?.status === 503 ? x : undefined; }, 10_000, 'health reports the witness');
+    t.true(h.json.problems.some((x) => x.subject === 'witness' && /unreachable/.test(x.reason)), JSON.stringify(h.json));
+    t.is(h.json.problems.length, 1, 'only the witness is a problem');
+    await sleep(4000); // leases expire meanwhile
+    t.is((await p.vmStatus('A', 'vm'))!.state, 'protected');
+    t.is((await p.vmStatus('B', 'vm'))!.state, 'secondary');
+    p.startWitness();
+    await waitUntil(async () => (await p.health('A'))?.status === 200 || undefined, 10_000, 'healthy again');
+    await waitUntil(async () => (await p.health('B'))?.status === 200 || undefined, 10_000, 'B healthy again');
+  });
+});
