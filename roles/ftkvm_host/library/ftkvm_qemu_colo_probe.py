@@ -1,0 +1,150 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: ftkvm contributors
+# Apache-2.0
+"""Asks a QEMU binary over QMP whether it has what COLO needs (read-only)."""
+from __future__ import absolute_import, division, print_function
+__metaclass__ = type
+
+DOCUMENTATION = r'''
+---
+module: ftkvm_qemu_colo_probe
+short_description: Check that a QEMU binary can run COLO (replication, proxy objects)
+description:
+  - Starts the binary with C(-machine none -S -qmp stdio), reads its QMP introspection
+    (query-version, query-migrate-capabilities, qom-list-types, query-qmp-schema) and quits it.
+  - Never changes anything; works in check mode.
+options:
+  binary:
+    description: Path of the QEMU system emulator.
+    type: path
+    required: true
+  accelerator:
+    description: Accelerator passed as C(-accel).
+    type: str
+    default: kvm
+  environment:
+    description: Extra environment variables for QEMU.
+    type: dict
+    default: {}
+  timeout:
+    description: Seconds to wait for QEMU.
+    type: int
+    default: 60
+author: ftkvm
+'''
+
+RETURN = r'''
+colo_capable:
+  description: True when nothing COLO needs is missing.
+  type: bool
+  returned: always
+missing:
+  description: What COLO needs and this QEMU lacks.
+  type: list
+  elements: str
+  returned: always
+version:
+  description: QEMU version (major.minor.micro) and package string.
+  type: str
+  returned: always
+'''
+
+import json
+import os
+import subprocess
+
+from ansible.module_utils.basic import AnsibleModule
+
+# Keep in line with agent/src/qemu/probe.ts
+REQUIRED_TYPES = ['colo-compare', 'filter-mirror', 'filter-redirector', 'filter-rewriter', 'iothread']
+REQUIRED_DRIVERS = ['quorum', 'replication', 'nbd']
+REQUIRED_COMMANDS = ['x-colo-lost-heartbeat', 'x-blockdev-change', 'query-colo-status', 'drive-mirror',
+                     'nbd-server-start', 'announce-self']
+
+SCRIPT = [
+    {'execute': 'qmp_capabilities'},
+    {'execute': 'query-version', 'id': 'version'},
+    {'execute': 'query-migrate-capabilities', 'id': 'caps'},
+    {'execute': 'qom-list-types', 'id': 'types'},
+    {'execute': 'query-qmp-schema', 'id': 'schema'},
+    {'execute': 'quit'},
+]
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            binary=dict(type='path', required=True),
+            accelerator=dict(type='str', default='kvm'),
+            environment=dict(type='dict', default={}),
+            timeout=dict(type='int', default=60),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if not os.access(p['binary'], os.X_OK):
+        module.fail_json(msg='QEMU binary %s does not exist or is not executable' % p['binary'])
+    env = dict(os.environ)
+    env.update(dict((k, str(v)) for k, v in p['environment'].items()))
+    argv = [p['binary'], '-machine', 'none', '-accel', p['accelerator'], '-nodefaults', '-display', 'none',
+            '-S', '-qmp', 'stdio']
+    stdin = ''.join(json.dumps(c) + '\n' for c in SCRIPT)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out, err = proc.communicate(stdin.encode('utf-8'), timeout=p['timeout'])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        module.fail_json(msg='QEMU %s did not answer QMP within %d s' % (p['binary'], p['timeout']))
+    except OSError as e:
+        module.fail_json(msg='cannot run %s: %s' % (p['binary'], e))
+    answers = {}
+    for line in out.decode('utf-8', 'replace').splitlines():
+        line = line.strip()
+        if not line.startswith('{'):
+            continue
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if 'id' in msg and 'return' in msg:
+            answers[msg['id']] = msg['return']
+    missing_answers = [k for k in ('version', 'caps', 'types', 'schema') if k not in answers]
+    if missing_answers:
+        module.fail_json(msg='QEMU %s did not answer %s over QMP (exit %s): %s' % (
+            p['binary'], ', '.join(missing_answers), proc.returncode, err.decode('utf-8', 'replace').strip()[-2000:]),
+            argv=argv)
+    ver = answers['version']
+    q = ver.get('qemu', {})
+    version = '%s.%s.%s' % (q.get('major'), q.get('minor'), q.get('micro'))
+    package = (ver.get('package') or '').strip()
+    missing = []
+    caps = [c.get('capability') for c in answers['caps']]
+    if 'x-colo' not in caps:
+        missing.append("migration capability 'x-colo'")
+    types = set(t.get('name') for t in answers['types'])
+    for t in REQUIRED_TYPES:
+        if t not in types:
+            missing.append("object type '%s'" % t)
+    schema = answers['schema']
+    commands = set(e.get('name') for e in schema if e.get('meta-type') == 'command')
+    for c in REQUIRED_COMMANDS:
+        if c not in commands:
+            missing.append("QMP command '%s'" % c)
+    drivers = set()
+    for e in schema:
+        vals = e.get('values') or []
+        if e.get('meta-type') == 'enum' and 'quorum' in vals and 'qcow2' in vals:
+            drivers.update(vals)
+    for d in REQUIRED_DRIVERS:
+        if d not in drivers:
+            missing.append("block driver '%s'" % d)
+    problems = list(missing)
+    if q.get('major') == 10 and q.get('minor') == 0 and (q.get('micro') or 0) < 13:
+        problems.append('QEMU %s has an upstream COLO regression (fixed in 10.0.13)' % version)
+    module.exit_json(changed=False, colo_capable=not problems, missing=missing, problems=problems,
+                     version=version, package=package, binary=p['binary'])
+
+
+if __name__ == '__main__':
+    main()
