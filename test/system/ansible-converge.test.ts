@@ -20,15 +20,7 @@ const TRACE_ARGS = ['-trace', 'enable=migration_bitmap_sync_end', '-trace', 'ena
 const SHIM_IN_HOST = '/usr/local/lib/ftkvm-test/colo-tcg-bql-fix.so';
 
 if (!existsSync(AGENT_BIN)) throw new Error(`${AGENT_BIN} missing: run npm run build first`);
-const help = execFileSync(AGENT_BIN, ['--help']).toString();
-// Commands the agent may not have yet: the test adapts and says so.
-const HAS_WITNESS = /^\s+witness\s/m.test(help);
-const HAS_DRILL = /^\s+drill\s/m.test(help);
-
-// Without the real witness command, the witness container runs a test-only stand-in
-// (test/testbed/fake-witness-agent.py: /health only) and the pair runs in two-node mode.
 const lab = new NspawnLab(INDEX, { witness: true });
-const FAKE_WITNESS = join(ROOT, 'test/testbed/fake-witness-agent.py');
 let agentCopy = '';
 let reportDir = '';
 let failedBefore = false;
@@ -102,7 +94,7 @@ all:
       hosts:
         witness:
           ansible_host: ${lab.mgmt.W}
-${HAS_WITNESS ? '' : `          ftkvm_agent_binary_src: ${FAKE_WITNESS}\n`}    ftkvm_pairs:
+    ftkvm_pairs:
       children:
         pair_lab:
           hosts:
@@ -134,7 +126,7 @@ ftkvm_replication_mtu: 9000
 ftkvm_guest_bridge: br-ftkvm
 ftkvm_guest_bridge_uplink: eth2
 ftkvm_firewall_enabled: true
-${HAS_WITNESS ? '' : '# the agent has no "ftkvm-agent witness" yet: the witness host runs a stand-in\nftkvm_two_node_mode: true\n'}ftkvm_log_level: debug
+ftkvm_log_level: debug
 ftkvm_colo_settings:
   startup_peer_wait_ms: 3000
   resync_retry_min_ms: 1000
@@ -168,7 +160,7 @@ test.before(async (t) => {
   copyFileSync(AGENT_BIN, agentCopy);
   reportDir = mkdtempSync(join(tmpdir(), 'ftkvm-drill-reports-'));
   writeInventory();
-  t.log(`lab ${lab.prefix} up in ${((Date.now() - t0) / 1000).toFixed(1)} s (witness: ${HAS_WITNESS ? 'ftkvm-agent witness' : 'test stand-in, the agent has no "witness" command; pair in two-node mode'}, drill command: ${HAS_DRILL})`);
+  t.log(`lab ${lab.prefix} up in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 });
 
 test.after.always(async () => {
@@ -322,19 +314,12 @@ step('drill.yml installs the drill timers on both hosts, and removes them', 3 * 
 
 step('drill.yml runs a failover drill per VM and saves the report', 5 * 60_000, async (t) => {
   const r = await lab.playbook('playbooks/drill.yml', ['-e', `ftkvm_drill_report_dir=${reportDir}`, '-e', 'ftkvm_drill_timeout=240'], 'drill');
-  if (!HAS_DRILL) {
-    // The playbook is ready; the agent has no drill API yet: the POST must be what fails.
-    t.not(r.code, 0);
-    t.regex(r.output, /POST \/v1\/vms\/lab1\/drill on host[AB] answered 404/, explain(r));
-    t.log('agent has no drill API yet (POST /v1/vms/{name}/drill -> 404): drill.yml stops there, as expected');
-    return;
-  }
   t.is(r.code, 0, explain(r));
   const reports = readdirSync(reportDir).filter((f) => f.startsWith(`pair_lab-${VM}-`));
   t.is(reports.length, 1);
-  const rep = JSON.parse(readFileSync(join(reportDir, reports[0]!), 'utf8')) as { state: string; verdict?: string; report?: { verdict?: string } };
+  const rep = JSON.parse(readFileSync(join(reportDir, reports[0]!), 'utf8')) as { state: string; verdict: string };
   t.is(rep.state, 'passed');
-  t.is(rep.verdict ?? rep.report?.verdict, 'pass');
+  t.is(rep.verdict, 'pass');
   t.regex(r.output, /drill of pair_lab\/lab1 passed: hostA -> hostB/);
   await waitProtected(180_000);
   t.log(`drill.yml: ${r.seconds.toFixed(1)} s`);
