@@ -19,9 +19,9 @@ for ln in lines:
     elif re.match(r'^[a-z_]+:', ln):
         k = ln.split(':')[0]
         d = ' '.join(x for x in comment if x)
-        if not d and last: d = last
-        desc[k] = d or k.replace('_', ' ')
-        last = desc[k] if d else last
+        if not d:
+            sys.exit(f'{base}/defaults/main.yml: {k} has no comment of its own: document every public variable')
+        desc[k] = d
         comment = []
     elif ln.strip() == '':
         comment = []; last = None
@@ -61,7 +61,10 @@ VM_OPTIONS = {
   'preferred_primary': {'type': 'str', 'required': True, 'description': 'Host of the pair that runs the VM when both are up'},
   'probe': {'type': 'dict', 'description': 'TCP service of the guest the drill checks',
             'options': {'address': {'type': 'str', 'required': True, 'description': 'IP address'},
-                        'port': {'type': 'int', 'required': True, 'description': 'TCP port'}}},
+                        'port': {'type': 'int', 'required': True, 'description': 'TCP port'},
+                        'request': {'type': 'str', 'description': 'A line the drill sends repeatedly over one connection (one reply line each)'},
+                        'counter': {'type': 'bool', 'description': 'Replies are integers that must go up by exactly one (no transaction lost or repeated)'},
+                        'interval_ms': {'type': 'int', 'description': 'Pause between probe requests (ms)'}}},
   'checkpoint_delay_ms': {'type': 'int', 'description': 'COLO checkpoint period of this VM (ms)'},
 }
 def typ(v):

@@ -53,6 +53,12 @@ test('every role documents exactly its defaults in meta/argument_specs.yml', asy
       { argument_specs: { main: { options: Record<string, { description: string; type: string; default?: unknown }> } } };
     const opts = spec.argument_specs.main.options;
     t.deepEqual(Object.keys(opts).sort(), Object.keys(defaults).sort(), role);
+    // every public variable is documented right above its default (not by a neighbour's comment)
+    const lines = readFileSync(join(ROOT, 'roles', role, 'defaults/main.yml'), 'utf8').split('\n');
+    lines.forEach((l, i) => {
+      const m = /^(ftkvm_[a-z0-9_]+):/.exec(l);
+      if (m) t.true((lines[i - 1] ?? '').startsWith('#'), `${role}/defaults/main.yml:${i + 1}: ${m[1]} has no comment of its own`);
+    });
     for (const [k, v] of Object.entries(defaults)) {
       t.true(k.startsWith('ftkvm_'), `${role}: public variable ${k} must start with ftkvm_`);
       t.truthy(opts[k]?.description, `${role}: ${k} has no description`);
