@@ -477,7 +477,9 @@ export class VmController {
         durable: { epoch: this.durable().epoch, primaryEpoch: dur.primaryEpoch, fenced: !!dur.fenced },
         peer,
         peerVm: pv,
-        replPathUp: replPath ? replPath.up : view.alive,
+        // "Replication network down" needs proof that the peer is up: ANOTHER path answering.
+        // (When the whole peer goes silent, the paths time out a few ms apart.)
+        replPathUp: !replPath || replPath.up || !view.paths.some((x) => x !== replPath && x.up),
         lease: lease.state,
         leaseReason: lease.reason,
         msSinceAgentStart: this.d.clock.mono() - this.d.agentStartMono,
