@@ -126,6 +126,14 @@ export class NetnsTestbed {
     });
   }
 
+  /** Limits the replication link to `rate` (tc tbf, e.g. '16mbit') in both directions; null removes it. */
+  async rateLimitRepl(rate: string | null): Promise<void> {
+    for (const port of ['A-r', 'B-r']) {
+      if (rate) await run('ip', ['netns', 'exec', this.ns.S, '/usr/sbin/tc', 'qdisc', 'replace', 'dev', port, 'root', 'tbf', 'rate', rate, 'burst', '32kbit', 'latency', '100ms']);
+      else await run('ip', ['netns', 'exec', this.ns.S, '/usr/sbin/tc', 'qdisc', 'del', 'dev', port, 'root']).catch(() => undefined);
+    }
+  }
+
   /** Runs a command inside a host namespace and waits for it. */
   async exec(h: HostId, cmd: string, args: string[]): Promise<string> {
     const { stdout } = await run('ip', ['netns', 'exec', this.ns[h], cmd, ...args]);

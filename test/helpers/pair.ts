@@ -30,6 +30,8 @@ export interface PairOptions {
   diskMib?: number;
   /** Host A only, with a peer that does not exist (addresses that never answer). */
   peerless?: boolean;
+  /** Raw disk images filled with this many MiB of random data (a resync then has real work). */
+  randomDiskMib?: number;
 }
 
 export class AgentPair {
@@ -61,7 +63,15 @@ export class AgentPair {
       const d = this.hostDir(h);
       mkdirSync(join(d, 'images'), { recursive: true });
       writeFileSync(join(d, 'token'), TOKEN + '\n', { mode: 0o600 });
-      for (const vm of this.o.vms) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(d, 'images', `${vm.name}.qcow2`), `${this.o.diskMib ?? 64}M`]);
+      for (const vm of this.o.vms) {
+        if (this.o.randomDiskMib) {
+          execFileSync('dd', ['if=/dev/urandom', `of=${join(d, 'images', `${vm.name}.img`)}`, 'bs=1M', `count=${this.o.randomDiskMib}`, 'status=none']);
+          // the guest's counters live in the first sectors: start them at zero
+          execFileSync('dd', ['if=/dev/zero', `of=${join(d, 'images', `${vm.name}.img`)}`, 'bs=4096', 'count=2', 'conv=notrunc', 'status=none']);
+        } else {
+          execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(d, 'images', `${vm.name}.qcow2`), `${this.o.diskMib ?? 64}M`]);
+        }
+      }
       const o = other(h);
       const peer = this.o.peerless
         ? { name: `host${o}`, addresses: ['192.0.2.1', '192.0.2.2'], replication_address: '192.0.2.1' } // TEST-NET-1: nobody there
@@ -82,7 +92,7 @@ export class AgentPair {
         log_level: 'debug',
         vms: this.o.vms.map((v) => ({
           name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
-          disk: { path: join(d, 'images', `${v.name}.qcow2`) },
+          disk: this.o.randomDiskMib ? { path: join(d, 'images', `${v.name}.img`), format: 'raw' } : { path: join(d, 'images', `${v.name}.qcow2`) },
           boot: { kernel: g.kernel, initrd: g.initrd, append: `${g.append} ftkvm.ip=${this.tb.guestIp(v.guestIp)}/24${v.extraAppend ? ' ' + v.extraAppend : ''}` },
           nic: { bridge: this.tb.guestBridge, mac: v.mac ?? `52:54:00:77:${(v.guestIp & 0xff).toString(16).padStart(2, '0')}:10` },
           base_port: v.basePort,

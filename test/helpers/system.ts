@@ -3,6 +3,7 @@ import type { ExecutionContext } from 'ava';
 import { readFileSync } from 'node:fs';
 import { AgentPair, type PairOptions } from './pair.ts';
 import { sweepStaleTestbeds } from './netns.ts';
+import { openObservers } from './traffic.ts';
 
 let swept = false;
 
@@ -20,6 +21,7 @@ export async function withPair<T>(t: ExecutionContext, index: number, o: PairOpt
     }
     throw e;
   } finally {
+    for (const o of [...openObservers]) o.close();
     await p.teardown();
   }
 }

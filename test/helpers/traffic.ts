@@ -2,6 +2,9 @@
 import { connect, type Socket } from 'node:net';
 import { readFileSync } from 'node:fs';
 
+/** Everything opened by a test, so withPair() can close it even when the test fails. */
+export const openObservers = new Set<{ close(): void }>();
+
 export interface Txn { sentAt: number; ackAt: number; value: number }
 
 /**
@@ -19,7 +22,7 @@ export class TxnClient {
   localPort: number | undefined;
   connects = 0;
 
-  constructor(readonly host: string, readonly port = 7000, readonly gapMs = 20) {}
+  constructor(readonly host: string, readonly port = 7000, readonly gapMs = 20) { openObservers.add(this); }
 
   async open(timeoutMs = 30_000): Promise<void> {
     const t0 = Date.now();
@@ -86,7 +89,7 @@ export class TxnClient {
     while (this.pending && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 20));
   }
 
-  close(): void { this.running = false; this.sock?.destroy(); }
+  close(): void { this.running = false; this.sock?.destroy(); openObservers.delete(this); }
 
   lastAckBefore(t: number): Txn | undefined { return [...this.txns].reverse().find((x) => x.ackAt <= t); }
   firstAckAfter(t: number): Txn | undefined { return this.txns.find((x) => x.ackAt > t); }
@@ -101,6 +104,8 @@ export class SerialWatcher {
   constructor(readonly path: string, pollMs = 20) {
     try { this.offset = readFileSync(path).length; } catch { this.offset = 0; }
     this.timer = setInterval(() => this.poll(), pollMs);
+    this.timer.unref();
+    openObservers.add(this);
   }
   private poll(): void {
     let buf: Buffer;
@@ -117,5 +122,6 @@ export class SerialWatcher {
   ticks(): { at: number; n: number; disk: number }[] {
     return this.lines.flatMap((l) => { const m = /^tick (\d+) disk=(\d+)$/.exec(l.line); return m ? [{ at: l.at, n: Number(m[1]), disk: Number(m[2]) }] : []; });
   }
-  stop(): void { clearInterval(this.timer); this.poll(); }
+  stop(): void { clearInterval(this.timer); this.poll(); openObservers.delete(this); }
+  close(): void { this.stop(); }
 }
