@@ -211,6 +211,16 @@ export class NspawnLab {
     return ['-q', '-o', 'BatchMode=yes', '-o', 'ConnectTimeout=2', '-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-i', this.key];
   }
 
+  /** The command line that enters a host (all its namespaces), e.g. to run an interactive command. */
+  enterArgs(h: LabHost): string[] {
+    const L = this.leaders[h] ?? this.leader(h);
+    if (!L) throw new Error(`${this.name[h]} is not running`);
+    return ['nsenter', '-t', String(L), '-a', 'env', '-i', 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', 'HOME=/root', `TERM=${process.env.TERM ?? 'xterm'}`];
+  }
+
+  /** Is this lab up (its hosts' containers running)? */
+  isUp(): boolean { return this.hosts.every((h) => this.leader(h) !== null); }
+
   /** Runs a command inside a host (nsenter into all its namespaces); rejects on a non-zero exit. */
   async exec(h: LabHost, cmd: string): Promise<string> {
     const L = this.leaders[h] ?? this.leader(h);

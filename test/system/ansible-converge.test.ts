@@ -11,13 +11,12 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AGENT_BIN, ROOT, testGuest } from '../helpers/guest.ts';
+import { writeLabInventory, SHIM_IN_HOST } from '../helpers/lab-inventory.ts';
 import { NspawnLab, type PlaybookRun } from '../helpers/nspawn.ts';
 
 const INDEX = Number(process.env.FTKVM_NSPAWN_INDEX ?? 0);
 const VM = 'lab1';
 const BASE_PORT = 9000;
-const TRACE_ARGS = ['-trace', 'enable=migration_bitmap_sync_end', '-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'];
-const SHIM_IN_HOST = '/usr/local/lib/ftkvm-test/colo-tcg-bql-fix.so';
 
 if (!existsSync(AGENT_BIN)) throw new Error(`${AGENT_BIN} missing: run npm run build first`);
 const lab = new NspawnLab(INDEX, { witness: true });
@@ -84,70 +83,7 @@ function guestInc(timeoutMs = 5000): Promise<number> {
 }
 
 function writeInventory(checkpointDelayMs = 2000): void {
-  const g = testGuest();
-  const hosts = `---
-all:
-  vars:
-    ansible_user: root
-  children:
-    ftkvm_witness:
-      hosts:
-        witness:
-          ansible_host: ${lab.mgmt.W}
-    ftkvm_pairs:
-      children:
-        pair_lab:
-          hosts:
-            hostA:
-              ansible_host: ${lab.mgmt.A}
-              ftkvm_replication_address: ${lab.repl.A}
-              ftkvm_guest_bridge_address: ${lab.lanBridgeAddr.A}/24
-            hostB:
-              ansible_host: ${lab.mgmt.B}
-              ftkvm_replication_address: ${lab.repl.B}
-              ftkvm_guest_bridge_address: ${lab.lanBridgeAddr.B}/24
-`;
-  const all = `---
-ftkvm_agent_binary_src: ${agentCopy}
-`;
-  const pairs = `---
-# lab: software emulation, and QEMU's COLO under TCG needs the test-only shim (tests only)
-ftkvm_accelerator: tcg
-ftkvm_qemu_environment:
-  LD_PRELOAD: ${SHIM_IN_HOST}
-ftkvm_qemu_extra_args: ${JSON.stringify(TRACE_ARGS)}
-# nspawn hosts: only net.* sysctls are writable (the role sets only net.bridge.*)
-ftkvm_sysctl_apply: true
-# this kernel has no bonding driver: the pair runs over plain interfaces (bonds: see the bond step)
-ftkvm_replication_type: interface
-ftkvm_replication_interface: eth1
-ftkvm_replication_prefix: 24
-ftkvm_replication_mtu: 9000
-ftkvm_guest_bridge: br-ftkvm
-ftkvm_guest_bridge_uplink: eth2
-ftkvm_firewall_enabled: true
-ftkvm_log_level: debug
-ftkvm_colo_settings:
-  startup_peer_wait_ms: 3000
-  resync_retry_min_ms: 1000
-`;
-  const pairLab = `---
-ftkvm_vms:
-  - name: ${VM}
-    memory_mib: 128
-    vcpus: 1
-    disk: {size: 64M, format: qcow2}
-    boot:
-      kernel_src: ${g.kernel}
-      initrd_src: ${g.initrd}
-      append: ${g.append} ftkvm.ip=${lab.guestIp()}/24
-    nic: {mac: "52:54:00:fc:${INDEX.toString(16).padStart(2, '0')}:50"}
-    base_port: ${BASE_PORT}
-    preferred_primary: hostA
-    probe: {address: ${lab.guestIp()}, port: 7000}
-    checkpoint_delay_ms: ${checkpointDelayMs}
-`;
-  lab.writeInventory(hosts, { all, ftkvm_pairs: pairs, pair_lab: pairLab });
+  writeLabInventory(lab, { agentBinary: agentCopy, vm: { name: VM, basePort: BASE_PORT, checkpointDelayMs } });
 }
 
 test.before(async (t) => {
