@@ -124,7 +124,15 @@ export class Agent {
     this.log.info('agent started', { node: c.node.name, peer: c.peer.name, vms: c.vms.length, version: VERSION, commit: COMMIT, api: c.api.listen });
   }
 
+  private probeTimeoutMs(): number {
+    return Math.max(50, Math.min(300, Math.floor(this.c.heartbeat.timeout_ms / 2)));
+  }
+
   private kick(): void {
+    // Silence approaching the timeout: probe the peer host now, so the answer is ready when
+    // the timeout expires (a dead host only answers with silence: the probe's full timeout).
+    const silentMs = this.heartbeat?.view().lastHeardMs;
+    if (silentMs !== null && silentMs !== undefined && silentMs > this.c.heartbeat.timeout_ms - this.probeTimeoutMs()) void this.hostProbe();
     for (const v of this.controllers.values()) {
       v.fenceWatch(); // never waits behind tick()
       void v.tick();
@@ -139,9 +147,10 @@ export class Agent {
   /** Is the peer host up? Cached briefly: several VMs ask in the same control step. */
   private hostProbe(): Promise<Reachability> {
     const now = this.d.clock.mono();
-    if (!this.hostProbeCache || now - this.hostProbeCache.at > this.c.heartbeat.interval_ms) {
-      const timeout = Math.max(50, Math.min(300, Math.floor(this.c.heartbeat.timeout_ms / 2)));
-      this.hostProbeCache = { at: now, p: probeHost(this.c.peer.addresses, peerApiPort(this.c), timeout) };
+    // A probe started up to (its timeout + one interval) ago is fresh enough: that is what lets
+    // the prefetch in kick() be used when the heartbeat timeout expires.
+    if (!this.hostProbeCache || now - this.hostProbeCache.at > this.probeTimeoutMs() + this.c.heartbeat.interval_ms) {
+      this.hostProbeCache = { at: now, p: probeHost(this.c.peer.addresses, peerApiPort(this.c), this.probeTimeoutMs()) };
     }
     return this.hostProbeCache.p;
   }
