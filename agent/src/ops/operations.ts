@@ -10,6 +10,7 @@ import type { PeerView } from '../peer/heartbeat.ts';
 import type { PeerClient } from '../peer/client.ts';
 import type { VmController, VmStatus } from '../colo/vm.ts';
 import { isPrimaryState } from '../colo/states.ts';
+import { checkpointDelay } from '../config/load.ts';
 import { writeFileAtomic } from '../state/atomic.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
 import { GuestProbe, judgeProbe, type ProbeVerdict } from './probe.ts';
@@ -90,16 +91,12 @@ export class OperationRegistry {
         : `its replica on ${peer} is ${pv ? (pv.qemu ? pv.state : 'gone') : 'unknown'}${this.d.peerView().alive ? '' : ' (peer silent)'}`;
       throw new OperationRefused(409, 'NOT_PROTECTED', `${vmName} is not fully protected, refusing the ${kind}: ${why}`);
     }
-    // The summaries above may be 100 ms old: before failing the primary on purpose, check live.
-    const local = await v.replicaProblemNow();
-    let remote: string | null = null;
-    try {
-      const ps = await this.d.peer.call<{ vms: VmStatus[] }>('GET', '/v1/status', undefined, 3000);
-      const rv = ps.vms.find((x) => x.name === vmName);
-      if (!rv || rv.state !== 'secondary' || !rv.qemu) remote = `${peer} reports its replica as ${rv ? rv.state : 'unknown'}`;
-    } catch (e) {
-      remote = `${peer} does not answer: ${errorMessage(e)}`;
-    }
+    // The summaries above may be 100 ms old: before failing the primary on purpose, check live
+    // (locally and on the peer at once; each check bounded, so the caller hears back in ~3 s).
+    const t0 = this.d.now();
+    this.d.log.info(`${kind} requested: checking live that the replica is healthy`, { vm: vmName });
+    const [local, remote] = await Promise.all([v.replicaProblemNow(), this.remoteReplicaProblem(vmName)]);
+    this.d.log.info(`${kind} preflight done in ${this.d.now() - t0} ms`, { vm: vmName, local, remote });
     if (local || remote) {
       throw new OperationRefused(409, 'NOT_PROTECTED', `${vmName} is not fully protected, refusing the ${kind}: ${[local, remote].filter(Boolean).join('; ')}`);
     }
@@ -117,6 +114,18 @@ export class OperationRegistry {
     while (this.ops.size > 50) this.ops.delete(this.ops.keys().next().value!);
     void this.run(r, v).catch((e) => this.finish(r, [`internal error: ${errorMessage(e)}`]));
     return r;
+  }
+
+  /** The peer's own live view of its replica: null when it is a healthy secondary. */
+  private async remoteReplicaProblem(vmName: string): Promise<string | null> {
+    const peer = this.d.config.peer.name;
+    try {
+      const ps = await this.d.peer.call<{ vms: VmStatus[] }>('GET', '/v1/status', undefined, 1500);
+      const rv = ps.vms.find((x) => x.name === vmName);
+      return !rv || rv.state !== 'secondary' || !rv.qemu ? `${peer} reports its replica as ${rv ? rv.state : 'unknown'}` : null;
+    } catch (e) {
+      return `${peer} does not answer: ${errorMessage(e)}`;
+    }
   }
 
   private note(r: OperationReport, msg: string, phase?: Phase): void {
@@ -149,6 +158,16 @@ export class OperationRegistry {
         this.finish(r, ['the guest did not answer the probe before the failover; the primary was NOT failed']);
         return;
       }
+      // A guest kernel derives each TCP connection's timestamp offset from a secret it creates
+      // on first use. If the probe is the guest's first connection since boot, the replica made
+      // its own secret: until a checkpoint copies the primary's memory over it, the replica's
+      // timestamps differ and the client's PAWS check drops its segments after a takeover
+      // (README, Limits). Fail the primary in the state production runs in: after a checkpoint.
+      const ckWaitMs = checkpointDelay(c, vmCfg) + 5000;
+      const ck0 = v.status().checkpoints.count, waitUntil = this.d.now() + ckWaitMs;
+      while (v.status().checkpoints.count === ck0 && this.d.now() < waitUntil && probe.errors.length === 0) await sleep(20);
+      this.note(r, v.status().checkpoints.count > ck0 ? 'a checkpoint has taken the probe connection into the replica'
+        : `no checkpoint within ${ckWaitMs} ms of the probe connecting; failing the primary anyway`);
     }
     const oldEpoch = v.status().epoch;
     this.note(r, `killing the primary QEMU of ${r.vm} on ${r.node} (SIGKILL, as a crash would)`, 'failing-over');
