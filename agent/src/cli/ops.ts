@@ -10,7 +10,8 @@ export async function operationCommand(t: ApiTarget, kind: OperationKind, vm: st
     process.stderr.write(`usage: ftkvm-agent ${kind} VM [--wait] [--json]\n`);
     return EXIT.USAGE;
   }
-  const start = await apiCall<{ id?: string; node?: string; error?: { code: string; message: string } }>(t, 'POST', `/v1/vms/${encodeURIComponent(vm)}/${kind}`, {});
+  // The agent checks the replica live before answering (bounded at ~6 s, more when forwarded).
+  const start = await apiCall<{ id?: string; node?: string; error?: { code: string; message: string } }>(t, 'POST', `/v1/vms/${encodeURIComponent(vm)}/${kind}`, {}, 30_000);
   if (start.status !== 202 || !start.json.id) {
     const e = start.json.error;
     process.stderr.write(`${kind} refused (${start.status}${e ? ' ' + e.code : ''}): ${e?.message ?? JSON.stringify(start.json)}\n`);
