@@ -11,6 +11,8 @@ import { AGENT_BIN, parseSerial, testGuest } from './guest.ts';
 import { TxnClient } from './traffic.ts';
 import type { StatusReport, HealthReport } from '../../agent/src/agent.ts';
 import type { VmStatus } from '../../agent/src/colo/vm.ts';
+import { QmpClient } from '../../agent/src/qmp/client.ts';
+import { unixSocketConnector } from '../../agent/src/qmp/transport.ts';
 
 export type H = 'A' | 'B';
 /** QEMU arguments that make the TCG shim see each dirty-bitmap sync and RAM-cache flush. */
@@ -186,10 +188,40 @@ export class AgentPair {
 
   serial(h: H, vm: string) { return parseSerial(this.serialLog(h, vm)); }
 
-  /** Waits until the guest's TCP service answers (the guest has booted). */
+  /** What a VM's QEMU says about itself (run state, COLO, migration, network filters, in order), for failure reports. */
+  async inspect(h: H, vm: string): Promise<string> {
+    let c: QmpClient | undefined;
+    try {
+      c = await QmpClient.connect(unixSocketConnector(join(this.stateDir(h), 'vms', vm, 'qmp-observer.sock'), 1000), { handshakeTimeoutMs: 2000, commandTimeoutMs: 3000 });
+      const q = c;
+      const [st, colo, mig, net] = await Promise.all([
+        q.execute('query-status').catch((e) => String(e)), q.execute('query-colo-status').catch((e) => String(e)),
+        q.execute<{ status?: string }>('query-migrate').then((m) => m.status).catch((e) => String(e)), q.hmp('info network').catch((e) => String(e)),
+      ]);
+      return `${h}/${vm}: status ${JSON.stringify(st)} colo ${JSON.stringify(colo)} migrate ${mig}\n${String(net).trim()}\nserial: ${readFileSync(this.serialLog(h, vm), 'utf8').trim().split('\n').slice(-3).join(' | ')}`;
+    } catch (e) {
+      return `${h}/${vm}: cannot inspect: ${(e as Error).message}`;
+    } finally {
+      c?.close();
+    }
+  }
+
+  /**
+   * Waits until the guest's TCP service answers (the guest has booted) and, when the VM is
+   * protected, for the next checkpoint: the guest kernel creates its TCP timestamp secret on
+   * the first connection, and connections opened before a checkpoint has copied it to the
+   * replica may not survive a takeover (README, Limits). Tests model a guest that has been
+   * up for a while.
+   */
   async waitGuestService(vm: string, timeoutMs = 60_000): Promise<void> {
     const c = new TxnClient(this.guestIp(vm));
     try { await c.open(timeoutMs); await c.get(); } finally { c.close(); }
+    for (const h of ['A', 'B'] as H[]) {
+      const s = await this.vmStatus(h, vm).catch(() => null);
+      if (s?.state !== 'protected') continue;
+      const n0 = s.checkpoints.count;
+      await waitUntil(async () => ((await this.vmStatus(h, vm))?.checkpoints.count ?? n0) > n0 || undefined, 30_000, `a checkpoint of ${vm} on ${h} after the guest's first TCP connection`, 50);
+    }
   }
 
   /** Runs the agent binary's CLI inside a host namespace against that host's config. */

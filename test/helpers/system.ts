@@ -19,6 +19,9 @@ export async function withPair<T>(t: ExecutionContext, index: number, o: PairOpt
       try { text = readFileSync(p.agentLog(h), 'utf8'); } catch { /* none */ }
       t.log(`---- agent ${h} log (last 60 lines)\n` + text.split('\n').filter((l) => !/ debug /.test(l)).slice(-60).join('\n'));
     }
+    // For debugging by hand: keep the failed pair (agents, QEMUs, namespaces) up for a while.
+    const holdS = Number(process.env.FTKVM_TEST_HOLD_S ?? 0);
+    if (holdS > 0) { console.error(`# holding the failed pair ${p.dir} for ${holdS} s`); await sleep(holdS * 1000); }
     throw e;
   } finally {
     for (const o of [...openObservers]) o.close();

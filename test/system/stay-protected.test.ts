@@ -81,7 +81,11 @@ test('planned switchover: the primary role moves and protection returns, with no
     t.is(rep.newPrimary, 'hostB');
     const killed = rep.progress.find((x) => /killing the primary QEMU/.test(x.msg))!.at;
     // a request in flight at the switchover is retransmitted by the client's TCP (backoff)
-    await waitUntil(() => client.txns.filter((x) => x.ackAt > killed).length >= 10 || undefined, 60_000, 'transactions after the switchover');
+    await waitUntil(() => client.txns.filter((x) => x.ackAt > killed).length >= 10 || undefined, 60_000, 'transactions after the switchover').catch(async (e) => {
+      t.log(`client: ${client.txns.length} transactions, ${client.txns.filter((x) => x.ackAt > killed).length} after the kill, errors ${JSON.stringify(client.errors)}, ` +
+        `last ${JSON.stringify(client.txns.at(-1))}, kill at ${killed}\n${await p.inspect('B', 'vm')}\n${await p.inspect('A', 'vm')}`);
+      throw e;
+    });
     await client.stop();
     assertTransactions(t, client);
     t.is((await p.vmStatus('B', 'vm'))!.state, 'protected');
