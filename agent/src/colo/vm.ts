@@ -12,7 +12,7 @@ import { buildQemuArgv, type LaunchRole, type QemuFeatures } from '../qemu/argv.
 import { vmPaths, type VmPaths } from '../qemu/paths.ts';
 import { forgetProcess, launchQemu, reattachQemu, type ExitInfo, type QemuHandle } from '../qemu/process.ts';
 import { createQcow2, ensureImageSize } from '../qemu/images.ts';
-import { plugTap } from '../qemu/tap.ts';
+import { pinBridgeMac, plugTap } from '../qemu/tap.ts';
 import { eventTimeMs, type QmpEvent } from '../qmp/client.ts';
 import { writeFileAtomic } from '../state/atomic.ts';
 import type { StateStore } from '../state/store.ts';
@@ -289,6 +289,9 @@ export class VmController {
     });
     this.attach(h, paused || role === 'secondary' ? 'paused' : 'running');
     try {
+      const pinned = await pinBridgeMac(this.d.exec, this.d.vm.nic.bridge)
+        .catch((e) => { this.log.warn('could not pin the guest bridge MAC; it may change as taps come and go', { bridge: this.d.vm.nic.bridge, error: errorMessage(e) }); return null; });
+      if (pinned) this.log.info('pinned the guest bridge MAC (a tap joining or leaving would otherwise change it)', { bridge: this.d.vm.nic.bridge, mac: pinned });
       await plugTap(this.d.exec, tapName(this.d.vm), this.d.vm.nic.bridge);
     } catch (e) {
       await h.killAndWait();
