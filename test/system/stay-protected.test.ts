@@ -43,7 +43,10 @@ test('five rounds: fail A, re-protect on A, fail B, re-protect on B, …: no ack
       p.killHost(primary);
       const survivor = other(primary);
       await waitUntil(async () => (await p.vmStatus(survivor, 'vm'))?.state === 'standalone' || undefined, 30_000, `round ${r}: ${survivor} takes over`);
-      const firstAfter = await waitUntil(() => client.firstAckAfter(killedAt), 30_000, 'a transaction after the failover');
+      const firstAfter = await waitUntil(() => client.firstAckAfter(killedAt), 30_000, 'a transaction after the failover').catch(async (e) => {
+        t.log(`round ${r}: client ${client.txns.length} transactions, last ${JSON.stringify(client.txns.at(-1))}, errors ${JSON.stringify(client.errors)}, kill at ${killedAt}\n${await p.inspect(survivor, 'vm')}`);
+        throw e;
+      });
       const resumed = await waitUntil(() => serial[survivor].ticks().find((x) => x.at > killedAt), 10_000, 'a tick on the survivor');
       t.true(resumed.n > checkpointedTick, `round ${r}: survivor resumed at tick ${resumed.n} > last checkpointed tick ${checkpointedTick}`);
       p.startAgent(primary); // the failed host comes back
