@@ -18,6 +18,14 @@ async function startClient(p: AgentPair, vm: string): Promise<TxnClient> {
   return c;
 }
 
+/** What to print when a client stops hearing from the guest after a failover: its view, and each QEMU's. */
+async function silentClientReport(p: AgentPair, c: TxnClient, killedAt: number, hosts: H[]): Promise<string> {
+  const lines = [`client: ${c.txns.length} transactions, ${c.txns.filter((x) => x.ackAt > killedAt).length} after the kill, ` +
+    `errors ${JSON.stringify(c.errors)}, last ${JSON.stringify(c.txns.at(-1))}, kill at ${killedAt}`];
+  for (const h of hosts) lines.push(await p.inspect(h, 'vm'));
+  return lines.join('\n');
+}
+
 function assertTransactions(t: import('ava').ExecutionContext, c: TxnClient): void {
   t.deepEqual(c.errors, [], 'the TCP connection was never reset');
   t.is(c.connects, 1, 'one connection for the whole test');
@@ -44,7 +52,7 @@ test('five rounds: fail A, re-protect on A, fail B, re-protect on B, …: no ack
       const survivor = other(primary);
       await waitUntil(async () => (await p.vmStatus(survivor, 'vm'))?.state === 'standalone' || undefined, 30_000, `round ${r}: ${survivor} takes over`);
       const firstAfter = await waitUntil(() => client.firstAckAfter(killedAt), 30_000, 'a transaction after the failover').catch(async (e) => {
-        t.log(`round ${r}: client ${client.txns.length} transactions, last ${JSON.stringify(client.txns.at(-1))}, errors ${JSON.stringify(client.errors)}, kill at ${killedAt}\n${await p.inspect(survivor, 'vm')}`);
+        t.log(`round ${r}: ${await silentClientReport(p, client, killedAt, [survivor])}`);
         throw e;
       });
       const resumed = await waitUntil(() => serial[survivor].ticks().find((x) => x.at > killedAt), 10_000, 'a tick on the survivor');
@@ -85,8 +93,7 @@ test('planned switchover: the primary role moves and protection returns, with no
     const killed = rep.progress.find((x) => /killing the primary QEMU/.test(x.msg))!.at;
     // a request in flight at the switchover is retransmitted by the client's TCP (backoff)
     await waitUntil(() => client.txns.filter((x) => x.ackAt > killed).length >= 10 || undefined, 60_000, 'transactions after the switchover').catch(async (e) => {
-      t.log(`client: ${client.txns.length} transactions, ${client.txns.filter((x) => x.ackAt > killed).length} after the kill, errors ${JSON.stringify(client.errors)}, ` +
-        `last ${JSON.stringify(client.txns.at(-1))}, kill at ${killed}\n${await p.inspect('B', 'vm')}\n${await p.inspect('A', 'vm')}`);
+      t.log(await silentClientReport(p, client, killed, ['B', 'A']));
       throw e;
     });
     await client.stop();
