@@ -9,7 +9,13 @@ import { PrimaryWatch } from '../helpers/primary-watch.ts';
 
 type Reach = 'both' | 'A' | 'B' | 'none';
 
-async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect: (s: { A: string; B: string }) => Promise<void>) {
+interface During {
+  A: string; B: string;
+  /** When A's QEMU ran again after it had been paused during the partition (a fence undone), else null. */
+  aRanAgainAfterPause: string | null;
+}
+
+async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect: (s: During) => Promise<void>) {
   p.startWitness();
   p.startAgent('A'); p.startAgent('B');
   t.is(await p.waitProtected('vm'), 'A');
@@ -17,12 +23,23 @@ async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect
   const watch = new PrimaryWatch(p, 'vm');
   await sleep(1000);
   const t0 = Date.now();
+  // The replication link goes first and the rest 200 ms later, so the primary always sees the
+  // peer on the management path for a moment: it starts dropping its replica (a single cut
+  // link) and only then finds itself isolated — the interleaving in which leaving COLO would
+  // restart a fenced guest. With both cut at once, which path times out first is chance.
   await p.tb.cut('repl');
+  await sleep(200);
   await p.tb.cut('mgmt');
   if (reach === 'B' || reach === 'none') await p.tb.cutWitness('A');
   if (reach === 'A' || reach === 'none') await p.tb.cutWitness('B');
   await sleep(8000); // many heartbeat timeouts and lease periods
-  const during = { A: (await p.vmStatus('A', 'vm'))!.state, B: (await p.vmStatus('B', 'vm'))!.state };
+  const inPartition = watch.samples.filter((x) => x.at >= t0);
+  const pausedAt = inPartition.findIndex((x) => x.A.startsWith('paused(paused)'));
+  const ranAgain = pausedAt < 0 ? undefined : inPartition.slice(pausedAt).find((x) => x.A === 'PRIMARY');
+  const during: During = {
+    A: (await p.vmStatus('A', 'vm'))!.state, B: (await p.vmStatus('B', 'vm'))!.state,
+    aRanAgainAfterPause: ranAgain ? `+${ranAgain.at - t0} ms (paused at +${inPartition[pausedAt]!.at - t0} ms)` : null,
+  };
   await expect(during);
   await p.tb.restoreAll();
   const healedAt = Date.now();
@@ -56,6 +73,7 @@ test('partition, witness reachable only from the secondary: the primary fences i
   await withPair(t, 52, pairOpts, async (p) => {
     const prim = await partition(t, p, 'B', async (s) => {
       t.is(s.A, 'fenced');
+      t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
       t.is(s.B, 'standalone');
       t.is((await p.vmStatus('B', 'vm'))!.epoch, 2);
     });
@@ -80,6 +98,7 @@ test('partition, witness reachable from neither: the primary fences itself, nobo
   await withPair(t, 54, pairOpts, async (p) => {
     const prim = await partition(t, p, 'none', async (s) => {
       t.is(s.A, 'fenced');
+      t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
       t.not(s.B, 'standalone');
     });
     t.is(prim, 'A', 'nobody took over: the fenced primary resumed');

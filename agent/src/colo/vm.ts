@@ -232,6 +232,15 @@ export class VmController {
         break;
       case 'RESUME':
         this.runState = 'running';
+        if (this.durable().fenced && !this.unfencing && this.qemu) {
+          // A primary that leaves COLO (a drop that began before the fence) is restarted by QEMU
+          // itself (migration_iteration_finish → vm_start), whatever `stop` came before. Its
+          // network stays cut (set_link off); pause it again at once.
+          const q = this.qemu.qmp;
+          void q.execute('stop', undefined, { timeoutMs: 5000 }).then(
+            () => this.log.error('QEMU resumed the fenced guest on its own (it left COLO); paused it again, network still cut', { msAfterResume: this.d.clock.now() - t }),
+            (err) => this.log.error('could not pause the fenced guest again after QEMU resumed it', { error: errorMessage(err) }));
+        }
         if (this.state === 'protected' || this.state === 'secondary') this.ckpt.resume(t);
         else if (this.state === 'preparing') this.setState('secondary', 'COLO running: first checkpoint received from the primary');
         break;
@@ -250,6 +259,8 @@ export class VmController {
   private coloExited: string | null = null;
   private lastRefusal: string | null = null;
   private fencing = false;
+  /** unfence() resumes the guest on purpose: the RESUME guard must not pause it again. */
+  private unfencing = false;
   private lastLoggedDecision = '';
 
   private onQemuExit(h: QemuHandle, info: ExitInfo): void {
@@ -447,8 +458,7 @@ export class VmController {
       heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
     });
     if (!a) return;
-    this.fencing = true;
-    void this.fence(a.why).finally(() => { this.fencing = false; });
+    void this.fence(a.why);
   }
 
   /** One control step: evaluate, decide, act. Called periodically and on events. */
@@ -655,18 +665,26 @@ export class VmController {
   private async dropSecondary(why: string, peerDead: boolean): Promise<void> {
     const q = this.qemu?.qmp;
     if (!q) return;
-    if (peerDead && this.d.gate.mode === 'witness') {
-      // Keep running alone only with the lease: renew now rather than trust the last renewal.
-      const g = await this.d.gate.acquire(this.name, this.durable().primaryEpoch, why);
-      if (!g.granted) { await this.fence(`${why}; ${g.reason}`); return; }
-    }
     const t0 = this.d.clock.now();
     const lastHeard = this.d.peerView().lastHeardMs;
     this.setState('dropping', why);
     // A live secondary is told first, so it never takes over with a stale copy. A dead one
     // cannot answer: do not make the guest wait for connect timeouts.
-    const release = this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why }, 1000).catch(() => undefined);
-    if (!peerDead) await release;
+    const release = this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why }, 1000).then(() => true, () => false);
+    const released = peerDead ? false : await release;
+    if (!released && this.d.gate.mode === 'witness') {
+      // Leaving COLO makes QEMU resume the guest by itself, with its network live. Do that only
+      // when the secondary has confirmed it let go of its replica, or with a freshly renewed
+      // lease; otherwise the peer may be about to take over (a partition often cuts one path a
+      // heartbeat before the other): fence instead, staying in COLO (see fence()).
+      const g = await this.d.gate.acquire(this.name, this.durable().primaryEpoch, why);
+      if (!g.granted) { await this.fence(`${why}; the secondary did not confirm the release and ${g.reason}`); return; }
+    }
+    if (this.durable().fenced) {
+      // The fence watchdog got here first (peer silent, lease expired): stay in COLO, paused.
+      this.log.warn('not dropping the secondary: fenced meanwhile; staying in COLO, paused', { why });
+      return;
+    }
     // In-flight replication I/O to a vanished host never completes on its own: end it.
     try {
       const filter = replicationSocketFilter(this.d.config.peer.replication_address, vmPorts(this.d.vm.base_port));
@@ -742,7 +760,17 @@ export class VmController {
    */
   private async fence(why: string): Promise<void> {
     const q = this.qemu?.qmp;
-    if (!q || this.state === 'fenced') return;
+    // One fence at a time: the watchdog and a drop that finds no lease can both get here.
+    if (!q || this.state === 'fenced' || this.fencing) return;
+    this.fencing = true;
+    try {
+      await this.cutAndPause(q, why);
+    } finally {
+      this.fencing = false;
+    }
+  }
+
+  private async cutAndPause(q: seq.QmpLike, why: string): Promise<void> {
     const t0 = this.d.clock.now();
     this.d.store.update(this.name, { fenced: true });
     // Sockets first: QMP commands are answered in order, and one stuck draining an NBD write to
@@ -759,6 +787,15 @@ export class VmController {
   private async unfence(why: string): Promise<void> {
     const q = this.qemu?.qmp;
     if (!q) return;
+    this.unfencing = true;
+    try {
+      await this.liftFence(q, why);
+    } finally {
+      this.unfencing = false;
+    }
+  }
+
+  private async liftFence(q: seq.QmpLike, why: string): Promise<void> {
     const mig = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'unknown' }));
     if (mig.status === 'colo') {
       await seq.primaryDropSecondary(q, { inColo: true }).catch((e) => this.log.error('leaving COLO while unfencing failed', { error: errorMessage(e) }));
