@@ -35,6 +35,19 @@ function leftovers(): string[] {
   return found;
 }
 
+/** What a failed `up` leaves to look at: each host's agent journal, bridge and neighbours, drill reports. */
+async function diagnostics(): Promise<string> {
+  const out: string[] = [];
+  for (const h of ['A', 'B']) {
+    const cmd = 'journalctl -u ftkvm-agent --no-pager -o short-iso-precise -n 80 | grep -v " debug "; ' +
+      'echo "-- bridge fdb"; bridge fdb show br br-ftkvm | grep -v permanent; echo "-- links"; ip -br link; ' +
+      'echo "-- neighbours"; ip neigh; echo "-- drill reports"; for f in /var/lib/ftkvm/drills/*.json; do [ -f "$f" ] && cat "$f"; done';
+    const r = await demo(['exec', h, 'sh', '-c', cmd], 60_000);
+    out.push(`---- host${h}\n${r.out.trim()}`);
+  }
+  return out.join('\n');
+}
+
 test.after.always('the demo is removed even when a step failed', async () => {
   if (existsSync(labDir)) await demo(['down'], 120_000);
 });
@@ -43,6 +56,7 @@ test('scripts/demo: up provisions, protects and drills a pair (PASS, nothing los
   t.timeout(1_200_000);
   const up = await demo(['up'], 1_100_000);
   t.log(up.out.split('\n').filter((l) => /^\[\d\/\d\]|verdict|failover |nothing lost|re-protected|The pair is up/.test(l)).join('\n'));
+  if (up.code !== 0) t.log(await diagnostics());
   t.is(up.code, 0, up.out.slice(-4000));
   t.regex(up.out, /verdict\s+PASS/);
   t.regex(up.out, /nothing lost\s+\d+ transactions over one TCP connection \(kept\)/);
