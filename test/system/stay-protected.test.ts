@@ -5,6 +5,8 @@ import { withPair, sleep, firstGap } from '../helpers/system.ts';
 import { other, waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
 import { SerialWatcher, TxnClient } from '../helpers/traffic.ts';
 import type { OperationReport } from '../../agent/src/ops/operations.ts';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 
 function maxGap(ticks: { at: number }[]): number {
   return Math.max(0, ...ticks.slice(1).map((x, i) => x.at - ticks[i]!.at));
@@ -22,7 +24,15 @@ async function startClient(p: AgentPair, vm: string): Promise<TxnClient> {
 async function silentClientReport(p: AgentPair, c: TxnClient, killedAt: number, hosts: H[]): Promise<string> {
   const lines = [`client: ${c.txns.length} transactions, ${c.txns.filter((x) => x.ackAt > killedAt).length} after the kill, ` +
     `errors ${JSON.stringify(c.errors)}, last ${JSON.stringify(c.txns.at(-1))}, kill at ${killedAt}`];
-  for (const h of hosts) lines.push(await p.inspect(h, 'vm'));
+  // The client's own TCP view: retransmissions, backoff, what is unacknowledged.
+  const ss = await promisify(execFile)('ss', ['-tnio', 'dst', `${p.guestIp('vm')}:7000`]).then((r) => r.stdout.trim(), (e) => String(e));
+  lines.push(`client socket (ss -tnio):\n${ss}`);
+  for (const h of hosts) {
+    lines.push(await p.inspect(h, 'vm'));
+    const fdb = await promisify(execFile)('ip', ['netns', 'exec', p.tb.ns[h], 'bridge', 'fdb', 'show', 'br', p.tb.guestBridge])
+      .then((r) => r.stdout.split('\n').filter((l) => l && !/permanent/.test(l)).join('; '), (e) => String(e));
+    lines.push(`${h} bridge FDB (learned): ${fdb}`);
+  }
   return lines.join('\n');
 }
 
