@@ -629,12 +629,13 @@ export class VmController {
     } catch (e) {
       const msg = errorMessage(e);
       this.protectFailures++;
-      this.lastProtectError = msg;
       const backoff = Math.min(this.d.config.colo.resync_retry_min_ms * 2 ** (this.protectFailures - 1), this.d.config.colo.resync_retry_max_ms);
       this.nextProtectAt = this.d.clock.mono() + backoff;
       this.log.warn('protection failed; guest continues unprotected', { error: msg, retryInMs: backoff });
       this.resync = null;
       await this.cleanupAfterFailedProtect(stoppedByUs);
+      // Published together with the state: /v1/status never shows the error while still 'syncing'.
+      this.lastProtectError = msg;
       this.setState('standalone', `protection failed (${msg}); retry in ${Math.round(backoff / 1000)} s`);
     }
   }
