@@ -29,8 +29,8 @@ async function silentClientReport(p: AgentPair, c: TxnClient, killedAt: number, 
   lines.push(`client socket (ss -tnio):\n${ss}`);
   for (const h of hosts) {
     lines.push(await p.inspect(h, 'vm'));
-    const fdb = await promisify(execFile)('ip', ['netns', 'exec', p.tb.ns[h], 'bridge', 'fdb', 'show', 'br', p.tb.guestBridge])
-      .then((r) => r.stdout.split('\n').filter((l) => l && !/permanent/.test(l)).join('; '), (e) => String(e));
+    const fdb = await p.tb.exec(h, 'bridge', ['fdb', 'show', 'br', p.tb.guestBridge])
+      .then((out) => out.split('\n').filter((l) => l && !/permanent/.test(l)).join('; '), (e) => String(e));
     lines.push(`${h} bridge FDB (learned): ${fdb}`);
   }
   return lines.join('\n');
