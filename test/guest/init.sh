@@ -4,6 +4,8 @@
 #   ftkvm.ip=ADDR/PREFIX   address of eth0 (default: no network service)
 #   ftkvm.tick_ms=N        disk counter period (default 100)
 #   ftkvm.dirty_mib=N      also run a memory-dirtying loop over N MiB, printing "work N" (bench)
+#   ftkvm.tcpview_s=N      every N s print the guest's own view of its port-7000 TCP connections
+#                          (/proc/net/tcp rows: queues, timers, retransmits) as "tcpview ..." (soak)
 # Disk layout (/dev/vda, 512-byte sectors, read with O_DIRECT so values come from the disk):
 #   sector 0: tick counter      sector 8: transaction counter
 # Serial console lines the tests parse:
@@ -16,7 +18,7 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
   [ -f /lib/modules/$m.ko ] && { insmod /lib/modules/$m.ko || echo "insmod $m FAILED" > /dev/ttyS0; }
 done
 arg() { sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p" /proc/cmdline; }
-IP=$(arg ftkvm.ip); TICK_MS=$(arg ftkvm.tick_ms); DIRTY=$(arg ftkvm.dirty_mib)
+IP=$(arg ftkvm.ip); TICK_MS=$(arg ftkvm.tick_ms); DIRTY=$(arg ftkvm.dirty_mib); TCPVIEW=$(arg ftkvm.tcpview_s)
 TICK_MS=${TICK_MS:-100}
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 [ -b /dev/vda ] || { echo "GUEST-ERROR no /dev/vda" > /dev/ttyS0; }
@@ -27,6 +29,12 @@ if [ -n "$IP" ]; then
   nc -ll -p 7000 -e /bin/txn-handler &
 fi
 if [ -n "$DIRTY" ]; then /bin/dirty-loop "$DIRTY" & fi
+if [ -n "$TCPVIEW" ]; then
+  # port 7000 = 1B58; local/remote address, state, tx:rx queue, timer:when, retransmits
+  while sleep "$TCPVIEW"; do
+    awk '$2 ~ /:1B58$/ {print "tcpview " $2, $3, $4, $5, $6, $7}' /proc/net/tcp > /dev/ttyS0
+  done &
+fi
 echo "GUEST-UP $(cut -d' ' -f1 /proc/uptime) ${IP:-no-ip}" > /dev/ttyS0
 readsec() { dd if=/dev/vda bs=512 skip=$1 count=1 iflag=direct 2>/dev/null | tr -dc '0-9'; }
 n=$(readsec 0); n=${n:-0}

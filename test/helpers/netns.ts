@@ -11,6 +11,7 @@
 // silently, no carrier change — like a dead switch port or a firewall mistake). This kernel has
 // no netem and no bonding.
 import { execFile, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -57,6 +58,9 @@ export class NetnsTestbed {
 
   async up(): Promise<void> {
     await this.down();
+    // Claimed while up: a sweep by another run (a bench next to the tests) leaves it alone.
+    mkdirSync(OWNERS, { recursive: true });
+    writeFileSync(`${OWNERS}/${this.i}`, String(process.pid));
     const { A, B, W, S } = this.ns;
     for (const n of [A, B, W, S]) { await this.ip('netns', 'add', n); await this.nsip(n, 'link', 'set', 'lo', 'up'); }
     for (const br of ['br-mgmt', 'br-repl', 'br-lan']) {
@@ -95,6 +99,7 @@ export class NetnsTestbed {
 
   async down(): Promise<void> {
     for (const n of Object.values(this.ns)) await run('ip', ['netns', 'del', n]).catch(() => undefined);
+    rmSync(`${OWNERS}/${this.i}`, { force: true });
     for (const s of ['m', 'l']) await run('ip', ['link', 'del', `ftc${this.i}${s}`]).catch(() => undefined);
     this.cuts.clear();
   }
@@ -106,6 +111,9 @@ export class NetnsTestbed {
   async cutWitness(h: 'A' | 'B'): Promise<void> { this.cuts.add(`W${h}`); await this.applyCuts(); }
   async restoreWitness(h: 'A' | 'B'): Promise<void> { this.cuts.delete(`W${h}`); await this.applyCuts(); }
   async restoreAll(): Promise<void> { this.cuts.clear(); await this.applyCuts(); }
+  /** A whole host off the network (every link: replication, management, guest LAN), as a dead host is. */
+  async isolate(h: 'A' | 'B'): Promise<void> { this.cuts.add(`host${h}`); await this.applyCuts(); }
+  async rejoin(h: 'A' | 'B'): Promise<void> { this.cuts.delete(`host${h}`); await this.applyCuts(); }
 
   private async applyCuts(): Promise<void> {
     const pair = (x: string, y: string) => [`iifname "${x}" oifname "${y}" drop`, `iifname "${y}" oifname "${x}" drop`];
@@ -114,6 +122,9 @@ export class NetnsTestbed {
     if (this.cuts.has('mgmt')) rules.push(...pair('A-m', 'B-m'));
     if (this.cuts.has('WA')) rules.push(...pair('A-m', 'W-m'));
     if (this.cuts.has('WB')) rules.push(...pair('B-m', 'W-m'));
+    for (const h of ['A', 'B']) {
+      if (this.cuts.has(`host${h}`)) for (const port of [`${h}-r`, `${h}-m`, `${h}-l`]) rules.push(`iifname "${port}" drop`, `oifname "${port}" drop`);
+    }
     const script = `table bridge ftkvm_cuts\ndelete table bridge ftkvm_cuts\n` +
       `table bridge ftkvm_cuts {\n chain cuts {\n  type filter hook forward priority 0; policy accept;\n` +
       rules.map((r) => `  ${r}\n`).join('') + ` }\n}\n`;
@@ -146,13 +157,25 @@ export class NetnsTestbed {
   }
 }
 
-/** Removes testbeds a crashed earlier run left behind (namespaces and root veths named ft*). */
+const OWNERS = '/run/ftkvm-testbeds';
+
+/** Is testbed i claimed by a live process other than this one? */
+function inUse(i: string): boolean {
+  try {
+    const pid = Number(readFileSync(`${OWNERS}/${i}`, 'utf8'));
+    if (!pid || pid === process.pid) return false;
+    process.kill(pid, 0);
+    return true;
+  } catch { return false; }
+}
+
+/** Removes testbeds a crashed earlier run left behind (namespaces and root veths named ft*); not those of a live run. */
 export async function sweepStaleTestbeds(): Promise<void> {
   const { stdout } = await run('ip', ['netns', 'list']);
   for (const line of stdout.split('\n')) {
-    const n = line.split(' ')[0];
-    if (n && /^ft[ABWS]\d+$/.test(n)) await run('ip', ['netns', 'del', n]).catch(() => undefined);
+    const m = /^ft[ABWS](\d+)$/.exec(line.split(' ')[0] ?? '');
+    if (m && !inUse(m[1]!)) await run('ip', ['netns', 'del', m[0]]).catch(() => undefined);
   }
   const links = (await run('ip', ['-o', 'link', 'show'])).stdout;
-  for (const m of links.matchAll(/^\d+: (ftc\d+[ml])[@:]/gm)) await run('ip', ['link', 'del', m[1]!]).catch(() => undefined);
+  for (const m of links.matchAll(/^\d+: (ftc(\d+)[ml])[@:]/gm)) if (!inUse(m[2]!)) await run('ip', ['link', 'del', m[1]!]).catch(() => undefined);
 }
