@@ -159,11 +159,26 @@ async function pairUp(index: number, witness: boolean): Promise<{ p: AgentPair; 
   return { p, primary };
 }
 
-async function fault(p: AgentPair, kind: Kind, primary: H): Promise<void> {
-  if (kind === 'crash') { p.killQemu(primary, VM); return; }
-  if (kind === 'host') { p.killHost(primary); await p.tb.isolate(primary); return; }
+/** Injects the fault; returns when the primary's QEMU died (wall clock, ms). */
+async function fault(p: AgentPair, kind: Kind, primary: H): Promise<number> {
+  const at = Date.now();
+  if (kind === 'crash') { p.killQemu(primary, VM); return at; }
+  if (kind === 'host') { p.killHost(primary); await p.tb.isolate(primary); return at; }
   const r = await p.api<{ id: string }>(primary, 'POST', `/v1/vms/${VM}/switchover`, {});
   if (r.status !== 202) throw new Error(`switchover refused: ${r.status} ${JSON.stringify(r.json)}`);
+  const killed = await waitUntil(async () => {
+    const rep = await p.api<{ progress: { at: number; msg: string }[] }>(primary, 'GET', `/v1/switchovers/${r.json.id}`).catch(() => null);
+    return rep?.json.progress.find((x) => x.msg.startsWith('killing the primary'));
+  }, 60_000, 'the switchover to kill the primary QEMU', 20);
+  return killed.at;
+}
+
+/** Protected again with `survivor` as the primary. */
+async function protectedOn(p: AgentPair, survivor: H, timeoutMs: number): Promise<void> {
+  await waitUntil(async () => {
+    const [s, o] = await Promise.all([p.vmStatus(survivor, VM), p.vmStatus(other(survivor), VM)]);
+    return s?.state === 'protected' && o?.state === 'secondary' && (o.checkpoints.count ?? 0) > 0;
+  }, timeoutMs, `${VM} protected with host${survivor} primary`, 50);
 }
 
 async function soak(witness: boolean, count: number, index: number): Promise<void> {
@@ -186,8 +201,7 @@ async function soak(witness: boolean, count: number, index: number): Promise<voi
       await sleep(1000 + Math.floor(rand() * 3000)); // traffic under protection, 1-4 s
       scanLogs(p, offsets, `before failover ${n}`);
       const freshBefore = fresh.failures.length;
-      const at = Date.now();
-      await fault(p, kind, primary);
+      const at = await fault(p, kind, primary);
       const survivor = other(primary);
       let firstReplyMs: number | null = null, silent = false, note = '';
       try {
@@ -206,11 +220,10 @@ async function soak(witness: boolean, count: number, index: number): Promise<voi
       }
       let reprotectMs: number | null = null;
       try {
-        const np = await p.waitProtected(VM, 120_000);
+        await protectedOn(p, survivor, 120_000);
         reprotectMs = Date.now() - at;
-        if (np !== survivor) note += ` (primary is ${np}, expected ${survivor})`;
-        primary = np;
-      } catch (e) { note += ` not re-protected: ${(e as Error).message}`; }
+        primary = survivor;
+      } catch (e) { note += ` not re-protected: ${(e as Error).message}`; primary = (await p.waitProtected(VM, 1000).catch(() => primary)); }
       const kept = long.errors.length === 0;
       records.push({ n, kind, witness, from: primary === survivor ? other(survivor) : primary, firstReplyMs, reprotectMs, kept, freshFailures: fresh.failures.length - freshBefore, silent, note });
       log(`failover ${n}/${total} ${kind.padEnd(10)} ${mode}: first reply ${firstReplyMs ?? '-'} ms, protected again ${reprotectMs ?? '-'} ms, ` +

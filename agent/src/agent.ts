@@ -204,10 +204,10 @@ export class Agent {
     if (w.mode === 'witness' && !w.reachable) problems.push({ subject: 'witness', reason: `witness ${w.url} unreachable${w.error ? ': ' + w.error : ''}` });
     if (w.mode === 'two-node') warnings.push({ subject: 'witness', reason: 'two-node mode: no witness, not protected against network partitions' });
     for (const v of this.controllers.values()) {
-      if (!v.isProtected()) {
-        const s = v.status();
-        problems.push({ subject: `vm/${s.name}`, reason: `${s.state} (${s.role}): ${s.reason}` });
-      }
+      const s = v.status();
+      if (!v.isProtected()) problems.push({ subject: `vm/${s.name}`, reason: `${s.state} (${s.role}): ${s.reason}` });
+      if (s.sick) problems.push({ subject: `vm/${s.name}`, reason: `replica not trusted: ${s.sick}` });
+      if (s.brokenDevices.length) problems.push({ subject: `vm/${s.name}`, reason: `virtio device broken in this node's QEMU: ${s.brokenDevices.join(', ')}` });
     }
     return { healthy: problems.length === 0, node: this.c.node.name, problems, warnings };
   }

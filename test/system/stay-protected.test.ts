@@ -6,6 +6,8 @@ import { other, waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
 import { SerialWatcher, TxnClient } from '../helpers/traffic.ts';
 import type { OperationReport } from '../../agent/src/ops/operations.ts';
 import { execFile } from 'node:child_process';
+import { appendFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 
 function maxGap(ticks: { at: number }[]): number {
@@ -189,5 +191,31 @@ test('a resync that fails midway leaves the primary running, unprotected, and is
     const gap = maxGap(ticks);
     t.true(gap < 3000, `longest guest pause ${gap} ms (includes the final protection's first checkpoint)`);
     t.log(`guest ticked ${ticks.length} times, longest pause ${gap} ms`);
+  });
+});
+
+test('a replica whose QEMU logs a device error is not trusted: dropped and rebuilt while the guest keeps serving', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 65, { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }] }, async (p) => {
+    p.startAgent('A'); p.startAgent('B');
+    t.is(await p.waitProtected('vm'), 'A');
+    await p.waitGuestService('vm');
+    const c = await startClient(p, 'vm');
+    const oldPid = p.qemuPid('B', 'vm');
+    // What QEMU's virtio_error() prints when the replica's copy of a ring is garbage; the device
+    // is then broken for good (README: replica health). Written where B's QEMU logs.
+    appendFileSync(join(p.stateDir('B'), 'vms', 'vm', 'qemu.log'), `${new Date().toISOString()} qemu-system-x86_64: virtio: zero sized buffers are not allowed\n`);
+    const dropped = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastFailover?.kind === 'secondary-dropped' ? s : undefined; }, 30_000, 'A drops the sick replica');
+    t.regex(dropped.lastFailover!.reason, /sick: device error in the secondary's QEMU .*zero sized buffers/);
+    t.is(await p.waitProtected('vm', 120_000), 'A', 'protection rebuilt, A still primary');
+    t.not(p.qemuPid('B', 'vm'), oldPid, 'a new replica QEMU');
+    const b = (await p.vmStatus('B', 'vm'))!;
+    t.is(b.sick, null, 'the new replica is trusted');
+    t.deepEqual(b.brokenDevices, [], 'and QEMU reports no broken device');
+    const n = c.txns.length;
+    await waitUntil(() => c.txns.length >= n + 10 || undefined, 30_000, 'transactions after the rebuild');
+    await c.stop();
+    assertTransactions(t, c);
+    c.close();
   });
 });

@@ -1,6 +1,6 @@
 // One protected VM on this node: owns its QEMU, its state (one setState that logs
 // `from -> to` with the reason), and runs the actions decide() picks.
-import { closeSync, mkdirSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import type { Config, VmConfig } from '../config/schema.ts';
 import { checkpointDelay, checkpointStallMs, tapName } from '../config/load.ts';
 import type { Logger } from '../log/logger.ts';
@@ -26,6 +26,10 @@ import { vmPorts } from './ports.ts';
 import { destroyConnections, replicationSocketFilter } from './connections.ts';
 import * as seq from './sequences.ts';
 import { roleOf, isPrimaryState, type Role, type VmState } from './states.ts';
+import { DEVICE_ERROR, GUEST_KERNEL_ERROR, LogTail, brokenVirtioDevices } from './replica-health.ts';
+
+/** How often QEMU is asked whether a virtio device is broken. */
+const DEVICE_CHECK_MS = 1000;
 
 export interface VmControllerDeps {
   config: Config;
@@ -80,6 +84,8 @@ export interface VmStatus {
   lastFailover: FailoverRecord | null;
   lastProtectError: string | null;
   sick: string | null;
+  /** virtio devices QEMU reports broken here (a primary: the guest cannot use them until it resets them). */
+  brokenDevices: string[];
 }
 
 export interface PrepareRequest { epoch: number; sizeBytes: number; primary: string }
@@ -88,7 +94,6 @@ export class VmBusyError extends FtkvmError {
   constructor(vm: string, what: string) { super('VM_BUSY', `${vm}: ${what}`); }
 }
 
-const OOPS = /(Kernel panic|Oops:|BUG: |general protection fault|Call Trace:)/;
 
 export class VmController {
   readonly name: string;
@@ -113,7 +118,13 @@ export class VmController {
   private nextStartAt = 0;
   private quickExits = 0;
   private sick: string | null = null;
-  private serialOffset = 0;
+  /** The secondary's console and QEMU log, read for signs of a diverged replica (replica-health.ts). */
+  private readonly consoleTail: LogTail;
+  private readonly qemuLogTail: LogTail;
+  private deviceCheckAt = 0;
+  private deviceCheckRunning = false;
+  /** Devices QEMU reports broken on this node's QEMU (a primary's: the guest cannot serve through them). */
+  private brokenDevices: string[] = [];
   private protectedSince = 0;
   /** Set while this node deliberately kills its own QEMU (drill/switchover), for the exit handler. */
   private expectedExit: string | null = null;
@@ -128,6 +139,8 @@ export class VmController {
     this.paths = vmPaths(d.config.state_dir, d.vm.name);
     this.stateSince = d.clock.now();
     this.ckpt = new CheckpointTracker(d.config.colo.storm_window_s * 1000, (pause) => this.d.metrics.checkpoint(this.name, pause));
+    this.consoleTail = new LogTail(this.paths.serialLog);
+    this.qemuLogTail = new LogTail(this.paths.qemuLog);
   }
 
   // ------------------------------------------------------------------ state
@@ -202,6 +215,7 @@ export class VmController {
       lastFailover: this.lastFailover,
       lastProtectError: this.lastProtectError,
       sick: this.sick,
+      brokenDevices: this.brokenDevices,
     };
   }
 
@@ -425,23 +439,42 @@ export class VmController {
     return rate > limit ? `checkpoint storm: ${rate.toFixed(1)}/s over ${window / 1000} s (limit ${limit}/s): outputs keep diverging, secondary not trusted` : null;
   }
 
-  private scanSecondaryConsole(): void {
-    if (this.state !== 'secondary' || this.sick) return;
-    try {
-      const size = statSync(this.paths.serialLog).size;
-      if (size < this.serialOffset) this.serialOffset = 0;
-      if (size === this.serialOffset) return;
-      const len = Math.min(size - this.serialOffset, 256 * 1024);
-      const buf = Buffer.alloc(len);
-      const fd = openSync(this.paths.serialLog, 'r');
-      try { readSync(fd, buf, 0, len, this.serialOffset); } finally { closeSync(fd); }
-      this.serialOffset += len;
-      const line = buf.toString('utf8').split('\n').find((l) => OOPS.test(l));
-      if (line) {
-        this.sick = `guest kernel error on the secondary console: ${line.trim().slice(0, 160)}`;
-        this.log.warn('secondary marked sick', { why: this.sick });
+  /**
+   * Signs that the replica diverged (replica-health.ts): a guest kernel error on its console,
+   * a device-model error in its QEMU's log (read every step: cheap), and, every
+   * DEVICE_CHECK_MS, QEMU's own `broken` flag of each virtio device. A sick replica is dropped
+   * and rebuilt by the primary (decide: peer summary `sick`), never trusted for a takeover.
+   * On a primary the same flag is reported: a broken device cannot serve the guest's clients.
+   */
+  private checkReplica(): void {
+    if (this.state === 'secondary' && !this.sick) {
+      const oops = this.consoleTail.firstNewMatch(GUEST_KERNEL_ERROR);
+      const dev = oops ? null : this.qemuLogTail.firstNewMatch(DEVICE_ERROR);
+      if (oops) this.markSick(`guest kernel error on the secondary console: ${oops.slice(0, 160)}`);
+      else if (dev) this.markSick(`device error in the secondary's QEMU (its copy of the guest diverged): ${dev.slice(0, 200)}`);
+    }
+    const now = this.d.clock.mono();
+    const q = this.qemu?.qmp;
+    if (!q || this.deviceCheckRunning || now - this.deviceCheckAt < DEVICE_CHECK_MS) return;
+    if (!['secondary', 'protected', 'standalone'].includes(this.state)) return;
+    this.deviceCheckAt = now;
+    this.deviceCheckRunning = true;
+    // Not awaited: a QEMU busy with a checkpoint must not hold up the control step.
+    void brokenVirtioDevices(q).then((broken) => {
+      if (broken === null) return;
+      if (broken.length && this.state === 'secondary' && !this.sick) {
+        this.markSick(`virtio device broken in the secondary's QEMU: ${broken.join(', ')} (its copy of the guest diverged; only a device reset would clear it)`);
+      } else if (isPrimaryState(this.state) && broken.join() !== this.brokenDevices.join()) {
+        if (broken.length) this.log.error('virtio device broken in this QEMU: the guest cannot use it until it resets the device', { devices: broken });
+        else this.log.info('no virtio device broken any more', { was: this.brokenDevices });
       }
-    } catch { /* no serial log yet */ }
+      this.brokenDevices = broken;
+    }, () => undefined).finally(() => { this.deviceCheckRunning = false; });
+  }
+
+  private markSick(why: string): void {
+    this.sick = why;
+    this.log.warn('secondary marked sick', { why });
   }
 
   /**
@@ -466,7 +499,7 @@ export class VmController {
     if (this.ticking || this.stopped) return;
     this.ticking = true;
     try {
-      this.scanSecondaryConsole();
+      this.checkReplica();
       if (this.coloExited && this.state === 'protected') {
         const why = this.coloExited;
         this.coloExited = null;
@@ -822,7 +855,7 @@ export class VmController {
     try {
       if (this.qemu) await this.killQemu('replaced by a fresh secondary');
       this.sick = null;
-      this.serialOffset = 0;
+      this.brokenDevices = [];
       this.d.store.update(this.name, { epoch: req.epoch, role: 'secondary', fenced: false });
       this.setState('preparing', `becoming the secondary of ${req.primary} (epoch ${req.epoch})`);
       const vm = this.d.vm;
@@ -834,8 +867,9 @@ export class VmController {
         rmSync(f, { force: true });
         await createQcow2(this.d.exec, img, f, req.sizeBytes);
       }
-      // Skip our own serial history so only the secondary's new output is scanned.
-      try { this.serialOffset = statSync(this.paths.serialLog).size; } catch { this.serialOffset = 0; }
+      // Skip our own history so only the secondary's new output is scanned.
+      this.consoleTail.skipToEnd();
+      this.qemuLogTail.skipToEnd();
       const h = await this.launch('secondary', false);
       await seq.secondaryPrepare(h.qmp, { listen: this.d.config.node.replication_address, ports: vmPorts(vm.base_port) });
       this.log.info('secondary ready for the COLO stream', { primary: req.primary });
