@@ -7,6 +7,9 @@
 //   host        the primary host dies: SIGKILL of its agent and QEMU AND every link of the host cut
 //               (nft), so nothing of it answers; healed and its agent restarted after the takeover
 //   switchover  planned: POST /v1/vms/soak/switchover
+//   drill       POST /v1/vms/soak/drill: a QEMU crash judged by the agent's own probe, a client
+//               on the old primary's host (as the demo and drill.yml do); a failed verdict is
+//               a silent client too
 // Clients, all the time: ONE long-lived connection sending "inc" back to back, and a client that
 // opens a fresh connection for every "inc". Both increment the guest's one durable counter, so
 // every acknowledged value must be unique (a lost acknowledged transaction shows up as a value
@@ -25,10 +28,10 @@ import { AgentPair, other, waitUntil, type H } from '../test/helpers/pair.ts';
 import { TxnClient } from '../test/helpers/traffic.ts';
 import { sweepStaleTestbeds } from '../test/helpers/netns.ts';
 
-type Kind = 'crash' | 'host' | 'switchover';
+type Kind = 'crash' | 'host' | 'switchover' | 'drill';
 const { values } = parseArgs({ options: {
   failovers: { type: 'string', default: '300' },
-  kinds: { type: 'string', default: 'crash,host,switchover' },
+  kinds: { type: 'string', default: 'crash,host,switchover,drill' },
   witness: { type: 'string', default: 'off,on' },
   'stress-load': { type: 'string', default: '60' },
   'silent-ms': { type: 'string', default: '15000' },
@@ -131,7 +134,7 @@ function scanLogs(p: AgentPair, offsets: { A: number; B: number }, why: string):
     offsets[h as 'A' | 'B'] = text.length;
     for (const line of fresh.split('\n')) {
       if (/decision: drop-secondary .*COLO ended in QEMU/.test(line)) { unexplainedColoExits++; unexplained.push(`${why} ${h}: ${line.slice(0, 300)}`); }
-      if (/secondary marked sick|checkpoint storm|no checkpoint for/.test(line)) { sickReplicas++; unexplained.push(`${why} ${h}: ${line.slice(0, 300)}`); }
+      if (/secondary marked sick|checkpoint storm|no checkpoint for|secondary not trusted/.test(line)) { sickReplicas++; unexplained.push(`${why} ${h}: ${line.slice(0, 300)}`); }
     }
   }
 }
@@ -159,18 +162,21 @@ async function pairUp(index: number, witness: boolean): Promise<{ p: AgentPair; 
   return { p, primary };
 }
 
-/** Injects the fault; returns when the primary's QEMU died (wall clock, ms). */
-async function fault(p: AgentPair, kind: Kind, primary: H): Promise<number> {
+interface OpReport { state: string; reasons: string[]; progress: { at: number; msg: string }[]; probe?: { firstReplyAfterMs?: number | null } }
+const drillVerdicts: { n: number; report: OpReport }[] = [];
+
+/** Injects the fault; returns when the primary's QEMU died (wall clock, ms) and, for API kinds, the operation's poll path. */
+async function fault(p: AgentPair, kind: Kind, primary: H): Promise<{ at: number; op?: string }> {
   const at = Date.now();
-  if (kind === 'crash') { p.killQemu(primary, VM); return at; }
-  if (kind === 'host') { p.killHost(primary); await p.tb.isolate(primary); return at; }
-  const r = await p.api<{ id: string }>(primary, 'POST', `/v1/vms/${VM}/switchover`, {});
-  if (r.status !== 202) throw new Error(`switchover refused: ${r.status} ${JSON.stringify(r.json)}`);
+  if (kind === 'crash') { p.killQemu(primary, VM); return { at }; }
+  if (kind === 'host') { p.killHost(primary); await p.tb.isolate(primary); return { at }; }
+  const r = await p.api<{ id: string; poll: string }>(primary, 'POST', `/v1/vms/${VM}/${kind}`, {});
+  if (r.status !== 202) throw new Error(`${kind} refused: ${r.status} ${JSON.stringify(r.json)}`);
   const killed = await waitUntil(async () => {
-    const rep = await p.api<{ progress: { at: number; msg: string }[] }>(primary, 'GET', `/v1/switchovers/${r.json.id}`).catch(() => null);
+    const rep = await p.api<OpReport>(primary, 'GET', r.json.poll).catch(() => null);
     return rep?.json.progress.find((x) => x.msg.startsWith('killing the primary'));
-  }, 60_000, 'the switchover to kill the primary QEMU', 20);
-  return killed.at;
+  }, 60_000, `the ${kind} to kill the primary QEMU`, 20);
+  return { at: killed.at, op: r.json.poll };
 }
 
 /** Protected again with `survivor` as the primary. */
@@ -201,7 +207,7 @@ async function soak(witness: boolean, count: number, index: number): Promise<voi
       await sleep(1000 + Math.floor(rand() * 3000)); // traffic under protection, 1-4 s
       scanLogs(p, offsets, `before failover ${n}`);
       const freshBefore = fresh.failures.length;
-      const at = await fault(p, kind, primary);
+      const { at, op } = await fault(p, kind, primary);
       const survivor = other(primary);
       let firstReplyMs: number | null = null, silent = false, note = '';
       try {
@@ -224,8 +230,19 @@ async function soak(witness: boolean, count: number, index: number): Promise<voi
         reprotectMs = Date.now() - at;
         primary = survivor;
       } catch (e) { note += ` not re-protected: ${(e as Error).message}`; primary = (await p.waitProtected(VM, 1000).catch(() => primary)); }
+      if (op) {
+        const rep = await waitUntil(async () => { const x = await p.api<OpReport>(other(survivor), 'GET', op).catch(() => null); return x && x.json.state !== 'running' ? x.json : undefined; }, 120_000, `the ${kind} report`).catch(() => null);
+        if (kind === 'drill' && rep) {
+          drillVerdicts.push({ n, report: rep });
+          if (rep.state !== 'passed') {
+            silent = true;
+            const dir = await saveEvidence(p, caps, capDir, n, kind, `failover ${n} (drill, ${mode}): verdict ${rep.state}: ${rep.reasons.join('; ')}\n${JSON.stringify(rep, null, 1)}`);
+            note += ` DRILL ${rep.state}: ${rep.reasons.join('; ')} (evidence in ${dir})`;
+          }
+        }
+      }
       const kept = long.errors.length === 0;
-      records.push({ n, kind, witness, from: primary === survivor ? other(survivor) : primary, firstReplyMs, reprotectMs, kept, freshFailures: fresh.failures.length - freshBefore, silent, note });
+      records.push({ n, kind, witness, from: other(survivor), firstReplyMs, reprotectMs, kept, freshFailures: fresh.failures.length - freshBefore, silent, note });
       log(`failover ${n}/${total} ${kind.padEnd(10)} ${mode}: first reply ${firstReplyMs ?? '-'} ms, protected again ${reprotectMs ?? '-'} ms, ` +
         `connection ${kept ? 'kept' : 'LOST'}, fresh failures ${fresh.failures.length - freshBefore}${note ? ', ' + note : ''}`);
       scanLogs(p, offsets, `failover ${n}`);

@@ -114,6 +114,8 @@ export class NetnsTestbed {
   /** A whole host off the network (every link: replication, management, guest LAN), as a dead host is. */
   async isolate(h: 'A' | 'B'): Promise<void> { this.cuts.add(`host${h}`); await this.applyCuts(); }
   async rejoin(h: 'A' | 'B'): Promise<void> { this.cuts.delete(`host${h}`); await this.applyCuts(); }
+  /** Drop one TCP stream on the replication link: segments from host `from` to `port` on the other host. */
+  async dropReplTcp(from: 'A' | 'B', port: number): Promise<void> { this.cuts.add(`tcp:${from}:${port}`); await this.applyCuts(); }
 
   private async applyCuts(): Promise<void> {
     const pair = (x: string, y: string) => [`iifname "${x}" oifname "${y}" drop`, `iifname "${y}" oifname "${x}" drop`];
@@ -122,6 +124,10 @@ export class NetnsTestbed {
     if (this.cuts.has('mgmt')) rules.push(...pair('A-m', 'B-m'));
     if (this.cuts.has('WA')) rules.push(...pair('A-m', 'W-m'));
     if (this.cuts.has('WB')) rules.push(...pair('B-m', 'W-m'));
+    for (const c of this.cuts) {
+      const m = /^tcp:([AB]):(\d+)$/.exec(c);
+      if (m) rules.push(`iifname "${m[1]}-r" oifname "${m[1] === 'A' ? 'B' : 'A'}-r" tcp dport ${m[2]} drop`);
+    }
     for (const h of ['A', 'B']) {
       if (this.cuts.has(`host${h}`)) for (const port of [`${h}-r`, `${h}-m`, `${h}-l`]) rules.push(`iifname "${port}" drop`, `oifname "${port}" drop`);
     }

@@ -5,6 +5,7 @@ import { withPair, sleep, firstGap } from '../helpers/system.ts';
 import { other, waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
 import { SerialWatcher, TxnClient } from '../helpers/traffic.ts';
 import type { OperationReport } from '../../agent/src/ops/operations.ts';
+import { vmPorts } from '../../agent/src/colo/ports.ts';
 import { execFile } from 'node:child_process';
 import { appendFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -214,6 +215,39 @@ test('a replica whose QEMU logs a device error is not trusted: dropped and rebui
     t.deepEqual(b.brokenDevices, [], 'and QEMU reports no broken device');
     const n = c.txns.length;
     await waitUntil(() => c.txns.length >= n + 10 || undefined, 30_000, 'transactions after the rebuild');
+    await c.stop();
+    assertTransactions(t, c);
+    c.close();
+  });
+});
+
+test('a replica whose output never reaches colo-compare is found by replies leaving only at checkpoints, dropped and rebuilt', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 66, { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }] }, async (p) => {
+    p.startAgent('A'); p.startAgent('B');
+    t.is(await p.waitProtected('vm'), 'A');
+    await p.waitGuestService('vm');
+    const c = await startClient(p, 'vm');
+    await sleep(6000); // healthy: several checkpoints with output matched between them
+    t.is((await p.vmStatus('A', 'vm'))!.lastFailover, null, 'a healthy replica is never distrusted');
+    const oldPid = p.qemuPid('B', 'vm');
+    // The replica's guest output (B's redirector → A's compare1 socket) is lost on the way, as
+    // from a replica whose NIC is dead: colo-compare holds each reply of the primary until the
+    // next periodic checkpoint, and checkpoints stay periodic (no storm, no stall).
+    const cutAt = Date.now();
+    await p.tb.dropReplTcp('B', vmPorts(19000).compare1);
+    const dropped = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastFailover?.kind === 'secondary-dropped' ? s : undefined; }, 60_000, 'A drops the silent replica');
+    t.regex(dropped.lastFailover!.reason, /secondary not trusted: the guest's output left only at checkpoints/);
+    const slow = c.txns.filter((x) => x.sentAt > cutAt && x.ackAt < dropped.lastFailover!.at);
+    t.true(slow.every((x) => x.ackAt - x.sentAt > 300), `replies were held meanwhile: ${JSON.stringify(slow.map((x) => x.ackAt - x.sentAt))}`);
+    t.log(`held-output verdict ${dropped.lastFailover!.at - cutAt} ms after the replica went silent; ${slow.length} transactions held meanwhile`);
+    await p.tb.restoreAll();
+    t.is(await p.waitProtected('vm', 120_000), 'A');
+    t.not(p.qemuPid('B', 'vm'), oldPid, 'a new replica QEMU');
+    const n = c.txns.length;
+    await waitUntil(() => c.txns.length >= n + 20 || undefined, 30_000, 'transactions after the rebuild');
+    const fast = c.txns.slice(n);
+    t.true(fast.filter((x) => x.ackAt - x.sentAt < 300).length >= fast.length / 2, 'replies matched again, not held until checkpoints');
     await c.stop();
     assertTransactions(t, c);
     c.close();

@@ -2,7 +2,8 @@ import test from 'ava';
 import { appendFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DEVICE_ERROR, GUEST_KERNEL_ERROR, LogTail, brokenVirtioDevices } from '../../agent/src/colo/replica-health.ts';
+import { DEVICE_ERROR, GUEST_KERNEL_ERROR, HeldOutputDetector, LogTail, brokenVirtioDevices } from '../../agent/src/colo/replica-health.ts';
+import { tapPacketsFromGuest } from '../../agent/src/qemu/tap.ts';
 import type { QmpLike } from '../../agent/src/colo/sequences.ts';
 import { QmpCommandError, QmpTimeoutError } from '../../agent/src/qmp/errors.ts';
 
@@ -73,4 +74,46 @@ test('brokenVirtioDevices asks QEMU about the NIC and the disk and names the bro
 test('brokenVirtioDevices: a QEMU without the command says nothing (null); other failures are errors', async (t) => {
   t.is(await brokenVirtioDevices(fakeQmp(() => new QmpCommandError('x-query-virtio-status', 'CommandNotFound', 'The command x-query-virtio-status has not been found'))), null);
   await t.throwsAsync(brokenVirtioDevices(fakeQmp(() => new QmpTimeoutError('x-query-virtio-status', 2000))), { instanceOf: QmpTimeoutError });
+});
+
+/** Feeds checkpoints: [packets between the previous checkpoint and this one, packets flushed at it]. */
+function feed(d: HeldOutputDetector, checkpoints: [number, number][], start = 100): void {
+  let n = start;
+  d.stopped(n); d.resumed(n); // the first checkpoint only sets the baseline
+  for (const [between, at] of checkpoints) { n += between; d.stopped(n); n += at; d.resumed(n); }
+}
+
+test('held output: replies that leave only at checkpoints, three checkpoints in a row, are the verdict', (t) => {
+  const d = new HeldOutputDetector(3);
+  feed(d, [[0, 4], [0, 3]]);
+  t.is(d.verdict(), null, 'two are not enough');
+  d.stopped(107); d.resumed(109);
+  t.regex(d.verdict() ?? '', /only at checkpoints for 3 checkpoints in a row \(9 packets held/);
+});
+
+test('held output: one packet matched between checkpoints clears it; idle intervals neither add nor clear', (t) => {
+  const healthy = new HeldOutputDetector(3);
+  feed(healthy, [[0, 2], [0, 2], [1, 2], [0, 2], [0, 2]]);
+  t.is(healthy.verdict(), null, 'the matched packet restarted the count');
+  const idle = new HeldOutputDetector(3);
+  feed(idle, [[0, 2], [0, 0], [0, 2], [0, 0], [0, 0], [0, 2]]);
+  t.not(idle.verdict(), null, 'idle intervals are no counter-evidence');
+  const quiet = new HeldOutputDetector(3);
+  feed(quiet, [[0, 0], [0, 0], [0, 0], [0, 0]]);
+  t.is(quiet.verdict(), null, 'a silent guest is not a held one');
+});
+
+test('held output: an unknown counter or an unpaired sample resets the judgement', (t) => {
+  const d = new HeldOutputDetector(2);
+  feed(d, [[0, 1], [0, 1]]);
+  t.not(d.verdict(), null);
+  d.stopped(null); d.resumed(500);
+  t.is(d.verdict(), null);
+  d.resumed(510); // no STOP before it
+  t.is(d.verdict(), null);
+});
+
+test('tapPacketsFromGuest reads the tap\'s rx counter from sysfs', (t) => {
+  t.is(tapPacketsFromGuest('ftk-web1', (p) => { t.is(p, '/sys/class/net/ftk-web1/statistics/rx_packets'); return '1234\n'; }), 1234);
+  t.is(tapPacketsFromGuest('gone', () => { throw new Error('ENOENT'); }), null);
 });

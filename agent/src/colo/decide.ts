@@ -31,6 +31,7 @@ export interface DecideInput {
   msSinceLastCheckpoint: number | null;
   checkpointStallMs: number;
   stormReason: string | null;          // primary: checkpoint storm detected
+  heldOutputReason: string | null;     // primary: the guest's output leaves only at checkpoints (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
   heartbeatIntervalMs: number;
@@ -134,6 +135,7 @@ export function decide(i: DecideInput): Action {
         return { kind: 'drop-secondary', why: `no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms (limit ${i.checkpointStallMs}): secondary stuck` };
       }
       if (i.stormReason) return { kind: 'drop-secondary', why: i.stormReason };
+      if (i.heldOutputReason) return { kind: 'drop-secondary', why: `secondary not trusted: ${i.heldOutputReason}` };
       return none('protected');
     }
     case 'secondary': {
@@ -147,7 +149,11 @@ export function decide(i: DecideInput): Action {
     }
     case 'preparing': {
       if (i.peer === 'dead') return { kind: 'discard-secondary', why: 'primary lost before the replica was complete: this copy is not consistent' };
-      if (i.peer === 'alive' && pv && pv.state !== 'syncing') return { kind: 'discard-secondary', why: `primary is no longer building this replica (peer state ${pv.state})` };
+      // 'protected' too: the primary counts itself protected once its migration entered COLO,
+      // which can be heard here before this QEMU has loaded the first checkpoint and resumed
+      // (its RESUME moves us to 'secondary'). Discarding then killed a good replica and made
+      // the primary's COLO exit with reason=error right after it reported 'protected'.
+      if (i.peer === 'alive' && pv && pv.state !== 'syncing' && pv.state !== 'protected') return { kind: 'discard-secondary', why: `primary is no longer building this replica (peer state ${pv.state})` };
       return none('waiting for the primary\'s COLO stream');
     }
     case 'fenced': {

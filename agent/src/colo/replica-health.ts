@@ -74,3 +74,49 @@ export async function brokenVirtioDevices(q: QmpLike, paths = VIRTIO_DEVICES, ti
   }
   return broken;
 }
+
+/**
+ * "The guest's replies leave only at checkpoints." colo-compare releases a primary packet when
+ * the secondary produced the same one, else holds it until the next checkpoint flushes it. A
+ * secondary that produces no output (its NIC broken, its guest diverged or hung) therefore
+ * makes every reply wait for the next periodic checkpoint while checkpoints stay periodic: no
+ * storm, no stall, and nothing in QEMU says so. Seen from the host, the primary's tap then
+ * receives guest packets only in the moments right after checkpoints, never between them.
+ *
+ * Fed with the tap's received-packet counter (guest → host) at each checkpoint's STOP and a
+ * moment after its RESUME. A checkpoint "held" the output when packets left at it and none
+ * left in the interval before it; `limit` such checkpoints in a row are the verdict. An idle
+ * interval (no packet either way) is neither evidence nor counter-evidence.
+ */
+export class HeldOutputDetector {
+  private atStop: number | null = null;
+  private afterLastResume: number | null = null;
+  private streak = 0;
+  private heldPackets = 0;
+
+  constructor(readonly limit = 3) {}
+
+  /** A checkpoint began (STOP); count = tap packets from the guest so far (null: unknown). */
+  stopped(count: number | null): void { this.atStop = count; }
+
+  /** Sampled a moment after the checkpoint's RESUME (the flushed packets have reached the tap). */
+  resumed(count: number | null): void {
+    if (count === null || this.atStop === null) { this.reset(); return; }
+    if (this.afterLastResume !== null) {
+      const between = this.atStop - this.afterLastResume;
+      const atCheckpoint = count - this.atStop;
+      if (between > 0) { this.streak = 0; this.heldPackets = 0; } else if (atCheckpoint > 0) { this.streak++; this.heldPackets += atCheckpoint; }
+    }
+    this.afterLastResume = count;
+    this.atStop = null;
+  }
+
+  /** Forget everything (a new protection period, or samples that cannot be paired). */
+  reset(): void { this.atStop = null; this.afterLastResume = null; this.streak = 0; this.heldPackets = 0; }
+
+  verdict(): string | null {
+    return this.streak >= this.limit
+      ? `the guest's output left only at checkpoints for ${this.streak} checkpoints in a row (${this.heldPackets} packets held until a checkpoint, none matched in between): the secondary produces no matching output (its copy diverged or its NIC is dead)`
+      : null;
+  }
+}

@@ -12,7 +12,7 @@ import { buildQemuArgv, type LaunchRole, type QemuFeatures } from '../qemu/argv.
 import { vmPaths, type VmPaths } from '../qemu/paths.ts';
 import { forgetProcess, launchQemu, reattachQemu, type ExitInfo, type QemuHandle } from '../qemu/process.ts';
 import { createQcow2, ensureImageSize } from '../qemu/images.ts';
-import { pinBridgeMac, plugTap } from '../qemu/tap.ts';
+import { pinBridgeMac, plugTap, tapPacketsFromGuest } from '../qemu/tap.ts';
 import { eventTimeMs, type QmpEvent } from '../qmp/client.ts';
 import { writeFileAtomic } from '../state/atomic.ts';
 import type { StateStore } from '../state/store.ts';
@@ -26,10 +26,12 @@ import { vmPorts } from './ports.ts';
 import { destroyConnections, replicationSocketFilter } from './connections.ts';
 import * as seq from './sequences.ts';
 import { roleOf, isPrimaryState, type Role, type VmState } from './states.ts';
-import { DEVICE_ERROR, GUEST_KERNEL_ERROR, LogTail, brokenVirtioDevices } from './replica-health.ts';
+import { DEVICE_ERROR, GUEST_KERNEL_ERROR, HeldOutputDetector, LogTail, brokenVirtioDevices } from './replica-health.ts';
 
 /** How often QEMU is asked whether a virtio device is broken. */
 const DEVICE_CHECK_MS = 1000;
+/** After a checkpoint's RESUME, when the packets it flushed have reached the tap. */
+const FLUSH_SETTLE_MS = 150;
 
 export interface VmControllerDeps {
   config: Config;
@@ -125,6 +127,9 @@ export class VmController {
   private deviceCheckRunning = false;
   /** Devices QEMU reports broken on this node's QEMU (a primary's: the guest cannot serve through them). */
   private brokenDevices: string[] = [];
+  /** Primary: does the guest's output leave only at checkpoints (the secondary matches nothing)? */
+  private readonly held = new HeldOutputDetector();
+  private heldSample: NodeJS.Timeout | undefined;
   private protectedSince = 0;
   /** Set while this node deliberately kills its own QEMU (drill/switchover), for the exit handler. */
   private expectedExit: string | null = null;
@@ -162,6 +167,7 @@ export class VmController {
       this.d.gate.keep(this.name, keep ? this.durable().primaryEpoch : null);
       if (to === 'protected') this.protectedSince = this.d.clock.mono();
       if (to !== 'protected' && to !== 'secondary') this.ckpt.reset();
+      this.held.reset();
     }
     for (const w of this.watchers) w(to, reason);
   }
@@ -233,6 +239,11 @@ export class VmController {
     switch (e.event) {
       case 'STOP':
         this.runState = 'paused';
+        if (this.state === 'protected') {
+          clearTimeout(this.heldSample); // a checkpoint right after the last: that one cannot be judged
+          if (this.heldSample) { this.heldSample = undefined; this.held.reset(); }
+          this.held.stopped(tapPacketsFromGuest(tapName(this.d.vm)));
+        }
         if (this.state === 'protected' || this.state === 'secondary') {
           this.ckpt.stop(t);
           // A checkpoint normally takes well under a second; say so when one does not.
@@ -256,6 +267,10 @@ export class VmController {
             (err) => this.log.error('could not pause the fenced guest again after QEMU resumed it', { error: errorMessage(err) }));
         }
         if (this.state === 'protected' || this.state === 'secondary') this.ckpt.resume(t);
+        if (this.state === 'protected') {
+          this.heldSample = setTimeout(() => { this.heldSample = undefined; this.held.resumed(tapPacketsFromGuest(tapName(this.d.vm))); }, FLUSH_SETTLE_MS);
+          this.heldSample.unref();
+        }
         else if (this.state === 'preparing') this.setState('secondary', 'COLO running: first checkpoint received from the primary');
         break;
       case 'COLO_EXIT':
@@ -538,6 +553,7 @@ export class VmController {
         msSinceLastCheckpoint: this.state === 'protected' ? this.d.clock.now() - Math.max(this.ckpt.lastAt ?? 0, this.stateSince) : null,
         checkpointStallMs: checkpointStallMs(this.d.config, this.d.vm),
         stormReason: this.stormReason(),
+        heldOutputReason: this.state === 'protected' ? this.held.verdict() : null,
         takeoverRequested: this.takeoverRequested,
         peerSilentMs: view.lastHeardMs,
         heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
@@ -736,7 +752,7 @@ export class VmController {
     const st = await q.execute<{ running: boolean }>('query-status').catch(() => ({ running: true }));
     if (!st.running && !this.durable().fenced) await q.execute('cont').catch((e) => this.log.error('cont failed', { error: errorMessage(e) }));
     const seqMs = this.d.clock.now() - t0;
-    const reason: FailoverReason = /stall/.test(why) ? 'checkpoint-stall' : /storm/.test(why) ? 'checkpoint-storm' : /sick/.test(why) ? 'secondary-sick' : 'secondary-lost';
+    const reason: FailoverReason = /stall/.test(why) ? 'checkpoint-stall' : /storm/.test(why) ? 'checkpoint-storm' : /sick|not trusted/.test(why) ? 'secondary-sick' : 'secondary-lost';
     this.d.metrics.failover(this.name, reason);
     this.lastFailover = { at: this.d.clock.now(), kind: 'secondary-dropped', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };
     this.nextProtectAt = this.d.clock.mono() + this.d.config.colo.resync_retry_min_ms;

@@ -33,3 +33,14 @@ export async function plugTap(exec: Exec, tap: string, bridge: string, timeoutMs
     }
   }
 }
+
+/**
+ * Packets the host received from the guest through its tap so far (the kernel's rx counter of
+ * the tap = what QEMU wrote to it = what the guest sent and COLO released), or null if unknown.
+ */
+export function tapPacketsFromGuest(tap: string, read: (path: string) => string = (p) => readFileSync(p, 'utf8')): number | null {
+  try {
+    const n = Number(read(`/sys/class/net/${tap}/statistics/rx_packets`).trim());
+    return Number.isFinite(n) ? n : null;
+  } catch { return null; }
+}
