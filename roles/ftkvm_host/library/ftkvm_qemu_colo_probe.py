@@ -52,7 +52,9 @@ version:
 
 import json
 import os
+import select
 import subprocess
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -68,8 +70,56 @@ SCRIPT = [
     {'execute': 'query-migrate-capabilities', 'id': 'caps'},
     {'execute': 'qom-list-types', 'id': 'types'},
     {'execute': 'query-qmp-schema', 'id': 'schema'},
-    {'execute': 'quit'},
 ]
+ANSWERS = ('version', 'caps', 'types', 'schema')
+
+
+def converse(proc, timeout):
+    """Sends SCRIPT, reads until every answer is in (or QEMU exits, or the deadline), then quits.
+
+    'quit' is sent only after the answers arrived: sent with the rest, QEMU could exit before
+    it had written the whole (large) schema answer to the pipe, and the answer was lost
+    (seen under load: 'did not answer schema over QMP (exit 0)').
+    """
+    proc.stdin.write(''.join(json.dumps(c) + '\n' for c in SCRIPT).encode('utf-8'))
+    proc.stdin.flush()
+    answers, buf = {}, b''
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while any(k not in answers for k in ANSWERS):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break  # QEMU exited
+        buf += chunk
+        lines = buf.split(b'\n')
+        buf = lines.pop()
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b'{'):
+                continue
+            try:
+                msg = json.loads(line.decode('utf-8', 'replace'))
+            except ValueError:
+                continue
+            if 'id' in msg and 'return' in msg:
+                answers[msg['id']] = msg['return']
+    try:
+        proc.stdin.write(b'{"execute": "quit"}\n')
+        proc.stdin.close()
+    except (OSError, ValueError):
+        pass
+    try:
+        err = proc.stderr.read() if proc.wait(timeout=max(1, deadline - time.monotonic())) is not None else b''
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        err = b''
+    return answers, err
 
 
 def main():
@@ -89,27 +139,16 @@ def main():
     env.update(dict((k, str(v)) for k, v in p['environment'].items()))
     argv = [p['binary'], '-machine', 'none', '-accel', p['accelerator'], '-nodefaults', '-display', 'none',
             '-S', '-qmp', 'stdio']
-    stdin = ''.join(json.dumps(c) + '\n' for c in SCRIPT)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        out, err = proc.communicate(stdin.encode('utf-8'), timeout=p['timeout'])
+    except OSError as e:
+        module.fail_json(msg='cannot run %s: %s' % (p['binary'], e))
+    try:
+        answers, err = converse(proc, p['timeout'])
     except subprocess.TimeoutExpired:
         proc.kill()
         module.fail_json(msg='QEMU %s did not answer QMP within %d s' % (p['binary'], p['timeout']))
-    except OSError as e:
-        module.fail_json(msg='cannot run %s: %s' % (p['binary'], e))
-    answers = {}
-    for line in out.decode('utf-8', 'replace').splitlines():
-        line = line.strip()
-        if not line.startswith('{'):
-            continue
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if 'id' in msg and 'return' in msg:
-            answers[msg['id']] = msg['return']
-    missing_answers = [k for k in ('version', 'caps', 'types', 'schema') if k not in answers]
+    missing_answers = [k for k in ANSWERS if k not in answers]
     if missing_answers:
         module.fail_json(msg='QEMU %s did not answer %s over QMP (exit %s): %s' % (
             p['binary'], ', '.join(missing_answers), proc.returncode, err.decode('utf-8', 'replace').strip()[-2000:]),
