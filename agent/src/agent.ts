@@ -20,6 +20,7 @@ import type { Exec } from './util/exec.ts';
 import { FtkvmError, errorMessage } from './util/errors.ts';
 import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
 import { WitnessGate } from './witness/client.ts';
+import { ReceivedBytes } from './colo/replica-health.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { OperationRegistry } from './ops/operations.ts';
@@ -103,12 +104,13 @@ export class Agent {
       summaries: () => Object.fromEntries([...this.controllers].map(([n, v]) => [n, v.summary()])),
       onChange: (view) => { if (view.alive) this.heardPeer = true; this.kick(); },
     });
+    const receivedBytes = new ReceivedBytes(this.d.exec, () => this.d.clock.mono());
     for (const vm of c.vms) {
       this.controllers.set(vm.name, new VmController({
         config: c, vm, store: this.store, gate: this.gate, peer: this.peer,
         peerView: () => this.heartbeat.view(), heardPeerSinceStart: () => this.heardPeer,
         hostProbe: () => this.hostProbe(), features: this.probe.features,
-        exec: this.d.exec, clock: this.d.clock, log: this.log, metrics: this.metrics, agentStartMono: this.startMono,
+        exec: this.d.exec, receivedBytes, clock: this.d.clock, log: this.log, metrics: this.metrics, agentStartMono: this.startMono,
       }));
     }
     this.metrics.setSnapshot(() => this.gaugeSnapshot());

@@ -8,7 +8,7 @@ const base: DecideInput = {
   peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
-  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, heldOutputReason: null, takeoverRequested: null,
+  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null,
 };
 const pv = (state: string, extra: Partial<VmSummary> = {}): VmSummary => ({ state, epoch: 1, primaryEpoch: 0, qemu: state !== 'stopped', ...extra });
 const d = (o: Partial<DecideInput>) => decide({ ...base, ...o });
@@ -100,7 +100,7 @@ test('protected primary drops a dead, vanished, sick, stuck or storming secondar
   t.regex(P({ msSinceLastCheckpoint: 10_001 }).why, /no checkpoint for 10001 ms/);
   t.is(P({ msSinceLastCheckpoint: 9_999 }).kind, 'none');
   t.is(P({ stormReason: 'checkpoint storm' }).kind, 'drop-secondary');
-  t.regex(P({ heldOutputReason: 'output left only at checkpoints' }).why, /secondary not trusted: output left only at checkpoints/);
+  t.regex(P({ silentReplicaReason: 'output left only at checkpoints' }).why, /secondary not trusted: output left only at checkpoints/);
 });
 
 test('replication network down while the peer is heard elsewhere: drop at once, do not re-protect', (t) => {

@@ -2,7 +2,7 @@ import test from 'ava';
 import { appendFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DEVICE_ERROR, GUEST_KERNEL_ERROR, HeldOutputDetector, LogTail, brokenVirtioDevices } from '../../agent/src/colo/replica-health.ts';
+import { DEVICE_ERROR, GUEST_KERNEL_ERROR, LogTail, ReceivedBytes, SilentReplicaDetector, brokenVirtioDevices, parseReceivedBytes } from '../../agent/src/colo/replica-health.ts';
 import { tapPacketsFromGuest } from '../../agent/src/qemu/tap.ts';
 import type { QmpLike } from '../../agent/src/colo/sequences.ts';
 import { QmpCommandError, QmpTimeoutError } from '../../agent/src/qmp/errors.ts';
@@ -76,41 +76,67 @@ test('brokenVirtioDevices: a QEMU without the command says nothing (null); other
   await t.throwsAsync(brokenVirtioDevices(fakeQmp(() => new QmpTimeoutError('x-query-virtio-status', 2000))), { instanceOf: QmpTimeoutError });
 });
 
-/** Feeds checkpoints: [packets between the previous checkpoint and this one, packets flushed at it]. */
-function feed(d: HeldOutputDetector, checkpoints: [number, number][], start = 100): void {
-  let n = start;
-  d.stopped(n); d.resumed(n); // the first checkpoint only sets the baseline
-  for (const [between, at] of checkpoints) { n += between; d.stopped(n); n += at; d.resumed(n); }
+/** One sample a second: [packets the guest sent so far, bytes the secondary sent so far]. */
+function feed(d: SilentReplicaDetector, xs: [number | null, number | null][], startMs = 0): void {
+  xs.forEach(([g, b], i) => d.sample({ atMs: startMs + 1000 * i, guestPackets: g, secondaryBytes: b }));
 }
 
-test('held output: replies that leave only at checkpoints, three checkpoints in a row, are the verdict', (t) => {
-  const d = new HeldOutputDetector(3);
-  feed(d, [[0, 4], [0, 3]]);
-  t.is(d.verdict(), null, 'two are not enough');
-  d.stopped(107); d.resumed(109);
-  t.regex(d.verdict() ?? '', /only at checkpoints for 3 checkpoints in a row \(9 packets held/);
+test('silent replica: the guest talks for the whole window and the secondary sends nothing', (t) => {
+  const d = new SilentReplicaDetector(6000);
+  feed(d, [[10, 500], [12, 500], [12, 500], [14, 500], [15, 500], [15, 500]]);
+  t.is(d.verdict(), null, '5 s are not the window yet');
+  d.sample({ atMs: 6000, guestPackets: 16, secondaryBytes: 500 });
+  t.regex(d.verdict() ?? '', /sent no output to colo-compare for 6\.0 s while the guest sent 6 packets/);
+  d.sample({ atMs: 7000, guestPackets: 17, secondaryBytes: 520 });
+  t.is(d.verdict(), null, 'one byte from the secondary and it is not silent');
 });
 
-test('held output: one packet matched between checkpoints clears it; idle intervals neither add nor clear', (t) => {
-  const healthy = new HeldOutputDetector(3);
-  feed(healthy, [[0, 2], [0, 2], [1, 2], [0, 2], [0, 2]]);
-  t.is(healthy.verdict(), null, 'the matched packet restarted the count');
-  const idle = new HeldOutputDetector(3);
-  feed(idle, [[0, 2], [0, 0], [0, 2], [0, 0], [0, 0], [0, 2]]);
-  t.not(idle.verdict(), null, 'idle intervals are no counter-evidence');
-  const quiet = new HeldOutputDetector(3);
-  feed(quiet, [[0, 0], [0, 0], [0, 0], [0, 0]]);
-  t.is(quiet.verdict(), null, 'a silent guest is not a held one');
+test('silent replica: a quiet guest, a talking secondary or an unknown counter is no verdict', (t) => {
+  const quiet = new SilentReplicaDetector(3000);
+  feed(quiet, [[10, 500], [10, 500], [11, 500], [11, 500], [11, 500]]);
+  t.is(quiet.verdict(), null, 'fewer than 3 packets from the guest');
+  const talking = new SilentReplicaDetector(3000);
+  feed(talking, [[10, 500], [20, 600], [30, 700], [40, 800], [50, 900]]);
+  t.is(talking.verdict(), null, 'a secondary that answers (even differently) is the storm rule\'s business');
+  const unknown = new SilentReplicaDetector(3000);
+  feed(unknown, [[10, 500], [20, 500], [30, null], [40, 500], [50, 500]]);
+  t.is(unknown.verdict(), null, 'the connection was gone for a moment: the window starts again');
+  feed(unknown, [[60, 500], [70, 500]], 5000);
+  t.not(unknown.verdict(), null, 'a full silent window after the gap');
+  const renewed = new SilentReplicaDetector(3000);
+  feed(renewed, [[10, 500], [20, 500], [30, 0], [40, 0], [50, 0]]);
+  t.is(renewed.verdict(), null, 'a counter going back is a new connection: start again');
 });
 
-test('held output: an unknown counter or an unpaired sample resets the judgement', (t) => {
-  const d = new HeldOutputDetector(2);
-  feed(d, [[0, 1], [0, 1]]);
-  t.not(d.verdict(), null);
-  d.stopped(null); d.resumed(500);
-  t.is(d.verdict(), null);
-  d.resumed(510); // no STOP before it
-  t.is(d.verdict(), null);
+const SS = [
+  '0      0      10.201.45.1:19004 10.201.45.2:40788',
+  '\t bbr wscale:10,10 rto:204 rtt:0.017/0.008 mss:32768 cwnd:10 bytes_received:6420 segs_out:1 segs_in:3',
+  '0      0      10.201.45.1:19003 10.201.45.2:40790',
+  '\t cubic wscale:7,7 rto:204 cwnd:10 segs_in:1',
+  '0      0      [::1]:7480 [::1]:51000',
+  '\t cubic rto:204 bytes_received:10',
+  '0      0      [::1]:7480 [::1]:51002',
+  '\t cubic rto:204 bytes_received:5',
+].join('\n') + '\n';
+
+test('bytes received per local port, from ss -tinH', (t) => {
+  const m = parseReceivedBytes(SS);
+  t.is(m.get(19004), 6420);
+  t.is(m.get(19003), 0, 'connected, nothing received yet');
+  t.is(m.get(7480), 15, 'two connections to one port');
+  t.is(m.get(19005), undefined);
+});
+
+test('ReceivedBytes runs one ss for every VM within its TTL', async (t) => {
+  let calls = 0, now = 0;
+  const rb = new ReceivedBytes(async () => { calls++; return { stdout: SS, stderr: '' }; }, () => now, 900);
+  t.is(await rb.onLocalPort(19004), 6420);
+  t.is(await rb.onLocalPort(19003), 0);
+  t.is(await rb.onLocalPort(19104), null, 'no connection on that port');
+  t.is(calls, 1);
+  now = 1000;
+  await rb.onLocalPort(19004);
+  t.is(calls, 2);
 });
 
 test('tapPacketsFromGuest reads the tap\'s rx counter from sysfs', (t) => {

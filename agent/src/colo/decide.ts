@@ -31,7 +31,7 @@ export interface DecideInput {
   msSinceLastCheckpoint: number | null;
   checkpointStallMs: number;
   stormReason: string | null;          // primary: checkpoint storm detected
-  heldOutputReason: string | null;     // primary: the guest's output leaves only at checkpoints (replica-health.ts)
+  silentReplicaReason: string | null;     // primary: the secondary sends colo-compare nothing while the guest talks (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
   heartbeatIntervalMs: number;
@@ -135,7 +135,7 @@ export function decide(i: DecideInput): Action {
         return { kind: 'drop-secondary', why: `no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms (limit ${i.checkpointStallMs}): secondary stuck` };
       }
       if (i.stormReason) return { kind: 'drop-secondary', why: i.stormReason };
-      if (i.heldOutputReason) return { kind: 'drop-secondary', why: `secondary not trusted: ${i.heldOutputReason}` };
+      if (i.silentReplicaReason) return { kind: 'drop-secondary', why: `secondary not trusted: ${i.silentReplicaReason}` };
       return none('protected');
     }
     case 'secondary': {

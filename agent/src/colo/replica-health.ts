@@ -12,6 +12,7 @@
 import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import type { QmpLike } from './sequences.ts';
 import { QmpCommandError } from '../qmp/errors.ts';
+import type { Exec } from '../util/exec.ts';
 
 /** Guest kernel errors on a console. */
 export const GUEST_KERNEL_ERROR = /(Kernel panic|Oops:|BUG: |general protection fault|Call Trace:)/;
@@ -78,45 +79,78 @@ export async function brokenVirtioDevices(q: QmpLike, paths = VIRTIO_DEVICES, ti
 /**
  * "The guest's replies leave only at checkpoints." colo-compare releases a primary packet when
  * the secondary produced the same one, else holds it until the next checkpoint flushes it. A
- * secondary that produces no output (its NIC broken, its guest diverged or hung) therefore
- * makes every reply wait for the next periodic checkpoint while checkpoints stay periodic: no
- * storm, no stall, and nothing in QEMU says so. Seen from the host, the primary's tap then
- * receives guest packets only in the moments right after checkpoints, never between them.
+ * secondary that produces no output (its NIC broken, its guest diverged or hung, its stream
+ * lost) therefore makes every reply wait for the next periodic checkpoint while checkpoints
+ * stay periodic: no storm, no stall, and nothing in QEMU says so.
  *
- * Fed with the tap's received-packet counter (guest → host) at each checkpoint's STOP and a
- * moment after its RESUME. A checkpoint "held" the output when packets left at it and none
- * left in the interval before it; `limit` such checkpoints in a row are the verdict. An idle
- * interval (no packet either way) is neither evidence nor counter-evidence.
+ * The cause is visible from the primary's host: the secondary's output arrives on one TCP
+ * connection (its redirector → our compare1 port), and the guest's released output on the
+ * tap. A replica is silent when, over `windowMs`, the primary's guest sent at least
+ * `minPackets` packets and not one byte arrived from the secondary. A secondary that answers
+ * differently (a guest with nondeterministic output) still sends bytes: that is the storm
+ * rule's business, not this one's.
  */
-export class HeldOutputDetector {
-  private atStop: number | null = null;
-  private afterLastResume: number | null = null;
-  private streak = 0;
-  private heldPackets = 0;
+export interface OutputSample { atMs: number; guestPackets: number | null; secondaryBytes: number | null }
 
-  constructor(readonly limit = 3) {}
+export class SilentReplicaDetector {
+  private samples: { atMs: number; guestPackets: number; secondaryBytes: number }[] = [];
 
-  /** A checkpoint began (STOP); count = tap packets from the guest so far (null: unknown). */
-  stopped(count: number | null): void { this.atStop = count; }
+  constructor(readonly windowMs: number, readonly minPackets = 3) {}
 
-  /** Sampled a moment after the checkpoint's RESUME (the flushed packets have reached the tap). */
-  resumed(count: number | null): void {
-    if (count === null || this.atStop === null) { this.reset(); return; }
-    if (this.afterLastResume !== null) {
-      const between = this.atStop - this.afterLastResume;
-      const atCheckpoint = count - this.atStop;
-      if (between > 0) { this.streak = 0; this.heldPackets = 0; } else if (atCheckpoint > 0) { this.streak++; this.heldPackets += atCheckpoint; }
-    }
-    this.afterLastResume = count;
-    this.atStop = null;
+  /** One look at both counters; an unknown counter (no connection, no tap) starts over. */
+  sample(s: OutputSample): void {
+    if (s.guestPackets === null || s.secondaryBytes === null) { this.reset(); return; }
+    const last = this.samples.at(-1);
+    if (last && (s.secondaryBytes < last.secondaryBytes || s.guestPackets < last.guestPackets)) this.samples = []; // a new connection or tap
+    this.samples.push({ atMs: s.atMs, guestPackets: s.guestPackets, secondaryBytes: s.secondaryBytes });
+    // keep the newest sample that is at least windowMs old, and everything after it
+    while (this.samples.length > 2 && s.atMs - this.samples[1]!.atMs >= this.windowMs) this.samples.shift();
   }
 
-  /** Forget everything (a new protection period, or samples that cannot be paired). */
-  reset(): void { this.atStop = null; this.afterLastResume = null; this.streak = 0; this.heldPackets = 0; }
+  reset(): void { this.samples = []; }
 
   verdict(): string | null {
-    return this.streak >= this.limit
-      ? `the guest's output left only at checkpoints for ${this.streak} checkpoints in a row (${this.heldPackets} packets held until a checkpoint, none matched in between): the secondary produces no matching output (its copy diverged or its NIC is dead)`
-      : null;
+    const first = this.samples[0], last = this.samples.at(-1);
+    if (!first || !last || last.atMs - first.atMs < this.windowMs) return null;
+    const sent = last.guestPackets - first.guestPackets;
+    if (last.secondaryBytes !== first.secondaryBytes || sent < this.minPackets) return null;
+    return `the secondary sent no output to colo-compare for ${((last.atMs - first.atMs) / 1000).toFixed(1)} s while the guest sent ${sent} packets: ` +
+      'its replies leave only at checkpoints (the copy diverged, hung, or its NIC is dead)';
+  }
+}
+
+/**
+ * Bytes received so far per local TCP port, from `ss -tinH state established` (a header line
+ * "RECV-Q SEND-Q LOCAL PEER" and an indented info line per connection; a connection that has
+ * received nothing has no bytes_received field). Connections sharing a local port are added.
+ */
+export function parseReceivedBytes(ssOutput: string): Map<number, number> {
+  const byPort = new Map<number, number>();
+  const lines = ssOutput.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    const m = /^\d+\s+\d+\s+(\S+):(\d+)\s+\S+:\d+/.exec(lines[i]!);
+    if (!m) continue;
+    const info = /^\s/.test(lines[i + 1] ?? '') ? lines[i + 1]! : '';
+    const bytes = Number(/bytes_received:(\d+)/.exec(info)?.[1] ?? 0);
+    byPort.set(Number(m[2]), (byPort.get(Number(m[2])) ?? 0) + bytes);
+  }
+  return byPort;
+}
+
+/**
+ * One `ss` for the whole host, shared by every VM's controller and reused for `ttlMs`: one
+ * process a second however many VMs the host protects, not one per VM.
+ */
+export class ReceivedBytes {
+  private cache: { at: number; byPort: Promise<Map<number, number>> } | null = null;
+  constructor(private readonly exec: Exec, private readonly now: () => number, private readonly ttlMs = 900) {}
+
+  /** Bytes received on the established connection(s) to this local port, or null if there is none. */
+  async onLocalPort(port: number): Promise<number | null> {
+    const t = this.now();
+    if (!this.cache || t - this.cache.at >= this.ttlMs) {
+      this.cache = { at: t, byPort: this.exec('ss', ['-tinH', 'state', 'established']).then((r) => parseReceivedBytes(r.stdout), () => new Map()) };
+    }
+    return (await this.cache.byPort).get(port) ?? null;
   }
 }

@@ -26,12 +26,10 @@ import { vmPorts } from './ports.ts';
 import { destroyConnections, replicationSocketFilter } from './connections.ts';
 import * as seq from './sequences.ts';
 import { roleOf, isPrimaryState, type Role, type VmState } from './states.ts';
-import { DEVICE_ERROR, GUEST_KERNEL_ERROR, HeldOutputDetector, LogTail, brokenVirtioDevices } from './replica-health.ts';
+import { DEVICE_ERROR, GUEST_KERNEL_ERROR, LogTail, SilentReplicaDetector, brokenVirtioDevices, type ReceivedBytes } from './replica-health.ts';
 
-/** How often QEMU is asked whether a virtio device is broken. */
+/** How often QEMU is asked whether a virtio device is broken, and a primary counts the replica's output. */
 const DEVICE_CHECK_MS = 1000;
-/** After a checkpoint's RESUME, when the packets it flushed have reached the tap. */
-const FLUSH_SETTLE_MS = 150;
 
 export interface VmControllerDeps {
   config: Config;
@@ -44,6 +42,8 @@ export interface VmControllerDeps {
   hostProbe: () => Promise<Reachability>;
   features: QemuFeatures;
   exec: Exec;
+  /** Bytes received per local TCP port (shared by all VMs of the host). */
+  receivedBytes: ReceivedBytes;
   clock: Clock;
   log: Logger;
   metrics: Metrics;
@@ -127,9 +127,8 @@ export class VmController {
   private deviceCheckRunning = false;
   /** Devices QEMU reports broken on this node's QEMU (a primary's: the guest cannot serve through them). */
   private brokenDevices: string[] = [];
-  /** Primary: does the guest's output leave only at checkpoints (the secondary matches nothing)? */
-  private readonly held = new HeldOutputDetector();
-  private heldSample: NodeJS.Timeout | undefined;
+  /** Primary: does the secondary send colo-compare anything while the guest talks? */
+  private readonly silent: SilentReplicaDetector;
   private protectedSince = 0;
   /** Set while this node deliberately kills its own QEMU (drill/switchover), for the exit handler. */
   private expectedExit: string | null = null;
@@ -146,6 +145,8 @@ export class VmController {
     this.ckpt = new CheckpointTracker(d.config.colo.storm_window_s * 1000, (pause) => this.d.metrics.checkpoint(this.name, pause));
     this.consoleTail = new LogTail(this.paths.serialLog);
     this.qemuLogTail = new LogTail(this.paths.qemuLog);
+    // A healthy secondary answers within a checkpoint or two; give it at least 6 s.
+    this.silent = new SilentReplicaDetector(Math.max(6000, 2 * checkpointDelay(d.config, d.vm)));
   }
 
   // ------------------------------------------------------------------ state
@@ -167,7 +168,7 @@ export class VmController {
       this.d.gate.keep(this.name, keep ? this.durable().primaryEpoch : null);
       if (to === 'protected') this.protectedSince = this.d.clock.mono();
       if (to !== 'protected' && to !== 'secondary') this.ckpt.reset();
-      this.held.reset();
+      this.silent.reset();
     }
     for (const w of this.watchers) w(to, reason);
   }
@@ -239,11 +240,6 @@ export class VmController {
     switch (e.event) {
       case 'STOP':
         this.runState = 'paused';
-        if (this.state === 'protected') {
-          clearTimeout(this.heldSample); // a checkpoint right after the last: that one cannot be judged
-          if (this.heldSample) { this.heldSample = undefined; this.held.reset(); }
-          this.held.stopped(tapPacketsFromGuest(tapName(this.d.vm)));
-        }
         if (this.state === 'protected' || this.state === 'secondary') {
           this.ckpt.stop(t);
           // A checkpoint normally takes well under a second; say so when one does not.
@@ -267,10 +263,7 @@ export class VmController {
             (err) => this.log.error('could not pause the fenced guest again after QEMU resumed it', { error: errorMessage(err) }));
         }
         if (this.state === 'protected' || this.state === 'secondary') this.ckpt.resume(t);
-        if (this.state === 'protected') {
-          this.heldSample = setTimeout(() => { this.heldSample = undefined; this.held.resumed(tapPacketsFromGuest(tapName(this.d.vm))); }, FLUSH_SETTLE_MS);
-          this.heldSample.unref();
-        }
+
         else if (this.state === 'preparing') this.setState('secondary', 'COLO running: first checkpoint received from the primary');
         break;
       case 'COLO_EXIT':
@@ -475,6 +468,7 @@ export class VmController {
     this.deviceCheckAt = now;
     this.deviceCheckRunning = true;
     // Not awaited: a QEMU busy with a checkpoint must not hold up the control step.
+    if (this.state === 'protected') void this.sampleReplicaOutput(now);
     void brokenVirtioDevices(q).then((broken) => {
       if (broken === null) return;
       if (broken.length && this.state === 'secondary' && !this.sick) {
@@ -485,6 +479,13 @@ export class VmController {
       }
       this.brokenDevices = broken;
     }, () => undefined).finally(() => { this.deviceCheckRunning = false; });
+  }
+
+  /** Primary: the guest's packets released to the tap vs. the bytes the secondary sent to colo-compare. */
+  private async sampleReplicaOutput(atMs: number): Promise<void> {
+    const secondaryBytes = await this.d.receivedBytes.onLocalPort(vmPorts(this.d.vm.base_port).compare1);
+    if (this.state !== 'protected') return;
+    this.silent.sample({ atMs, guestPackets: tapPacketsFromGuest(tapName(this.d.vm)), secondaryBytes });
   }
 
   private markSick(why: string): void {
@@ -553,7 +554,7 @@ export class VmController {
         msSinceLastCheckpoint: this.state === 'protected' ? this.d.clock.now() - Math.max(this.ckpt.lastAt ?? 0, this.stateSince) : null,
         checkpointStallMs: checkpointStallMs(this.d.config, this.d.vm),
         stormReason: this.stormReason(),
-        heldOutputReason: this.state === 'protected' ? this.held.verdict() : null,
+        silentReplicaReason: this.state === 'protected' ? this.silent.verdict() : null,
         takeoverRequested: this.takeoverRequested,
         peerSilentMs: view.lastHeardMs,
         heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
