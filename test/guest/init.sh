@@ -5,7 +5,7 @@
 #   ftkvm.tick_ms=N        disk counter period (default 100)
 #   ftkvm.dirty_mib=N      also run a memory-dirtying loop over N MiB, printing "work N" (bench)
 #   ftkvm.tcpview_s=N      every N s print the guest's own view of its port-7000 TCP connections
-#                          (/proc/net/tcp rows: queues, timers, retransmits) as "tcpview ..." (soak)
+#                          (/proc/net/tcp{,6} rows: queues, timers, retransmits) as "tcpview ..." (soak)
 # Disk layout (/dev/vda, 512-byte sectors, read with O_DIRECT so values come from the disk):
 #   sector 0: tick counter      sector 8: transaction counter
 # Serial console lines the tests parse:
@@ -32,7 +32,7 @@ if [ -n "$DIRTY" ]; then /bin/dirty-loop "$DIRTY" & fi
 if [ -n "$TCPVIEW" ]; then
   # port 7000 = 1B58; local/remote address, state, tx:rx queue, timer:when, retransmits
   while sleep "$TCPVIEW"; do
-    awk '$2 ~ /:1B58$/ {print "tcpview " $2, $3, $4, $5, $6, $7}' /proc/net/tcp > /dev/ttyS0
+    awk '$2 ~ /:1B58$/ {print "tcpview " $2, $3, $4, $5, $6, $7}' /proc/net/tcp /proc/net/tcp6 > /dev/ttyS0
   done &
 fi
 echo "GUEST-UP $(cut -d' ' -f1 /proc/uptime) ${IP:-no-ip}" > /dev/ttyS0

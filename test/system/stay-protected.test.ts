@@ -15,11 +15,14 @@ function maxGap(ticks: { at: number }[]): number {
   return Math.max(0, ...ticks.slice(1).map((x, i) => x.at - ticks[i]!.at));
 }
 
+/** A client with one long-lived connection, older than a checkpoint (see AgentPair.waitCheckpointAfter). */
 async function startClient(p: AgentPair, vm: string): Promise<TxnClient> {
   const c = new TxnClient(p.guestIp(vm), 7000, 20);
+  const openedAt = Date.now();
   await c.open();
   c.start();
   await waitUntil(() => c.txns.length >= 10 || undefined, 60_000, 'transactions flowing');
+  await p.waitCheckpointAfter(vm, openedAt);
   return c;
 }
 
