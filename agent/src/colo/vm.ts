@@ -96,7 +96,6 @@ export class VmBusyError extends FtkvmError {
   constructor(vm: string, what: string) { super('VM_BUSY', `${vm}: ${what}`); }
 }
 
-
 export class VmController {
   readonly name: string;
   private readonly d: VmControllerDeps;
@@ -263,7 +262,6 @@ export class VmController {
             (err) => this.log.error('could not pause the fenced guest again after QEMU resumed it', { error: errorMessage(err) }));
         }
         if (this.state === 'protected' || this.state === 'secondary') this.ckpt.resume(t);
-
         else if (this.state === 'preparing') this.setState('secondary', 'COLO running: first checkpoint received from the primary');
         break;
       case 'COLO_EXIT':
@@ -451,8 +449,10 @@ export class VmController {
    * Signs that the replica diverged (replica-health.ts): a guest kernel error on its console,
    * a device-model error in its QEMU's log (read every step: cheap), and, every
    * DEVICE_CHECK_MS, QEMU's own `broken` flag of each virtio device. A sick replica is dropped
-   * and rebuilt by the primary (decide: peer summary `sick`), never trusted for a takeover.
-   * On a primary the same flag is reported: a broken device cannot serve the guest's clients.
+   * and rebuilt by the primary (decide: peer summary `sick`) within a heartbeat. (Should the
+   * primary die first, it is still the only copy and takes over.) On a primary the same flag
+   * is reported: a broken device cannot serve the guest's clients. The primary also samples
+   * the replica's output here (SilentReplicaDetector).
    */
   private checkReplica(): void {
     if (this.state === 'secondary' && !this.sick) {
@@ -788,6 +788,11 @@ export class VmController {
     const detection = requested ? null : lastHeard;
     this.lastFailover = { at: this.d.clock.now(), kind: 'takeover', reason: why, sequenceMs: seqMs, detectionMs: detection, durationMs: seqMs + (detection ?? 0) };
     this.log.info('took over as primary', { epoch: g.epoch, sequenceMs: seqMs, detectionMs: detection, why });
+    if (this.sick) {
+      // The primary died before it dropped this replica: it was the only copy left.
+      this.log.error('took over from a replica that was marked sick; the guest may not be able to serve', { sick: this.sick });
+      this.sick = null;
+    }
     this.nextProtectAt = 0;
     this.setState('standalone', `took over at epoch ${g.epoch}: ${why}`);
   }
