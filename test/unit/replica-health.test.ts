@@ -43,6 +43,16 @@ test('LogTail reads only what was appended since the last look, whole lines only
   appendFileSync(f, 'ex from 1 to 9\n');
   t.is(tail.firstNewMatch(DEVICE_ERROR), TS + 'Guest moved used index from 1 to 9');
   t.is(tail.firstNewMatch(DEVICE_ERROR), null, 'each line once');
+  appendFileSync(f, '[ 1.0] état ünïcode ✓ console line\n' + TS + 'virtio: bogus descriptor or out of resources\n');
+  t.is(tail.firstNewMatch(DEVICE_ERROR), TS + 'virtio: bogus descriptor or out of resources', 'multi-byte text before it does not shift the offset');
+  appendFileSync(f, 'x'.repeat(70) + '\n' + TS + 'Looped descriptor\n');
+  const small = new LogTail(f, 128);
+  small.skipToEnd();
+  appendFileSync(f, 'y'.repeat(300) + '\n' + TS + 'Guest says index 9 is available\n');
+  const seen: (string | null)[] = [];
+  for (let i = 0; i < 6 && !seen.at(-1); i++) seen.push(small.firstNewMatch(DEVICE_ERROR));
+  t.true(seen.length >= 3 && seen.slice(0, -1).every((x) => x === null), `a line longer than the read bound is passed over in pieces…: ${JSON.stringify(seen)}`);
+  t.regex(seen.at(-1) ?? '', /Guest says index 9 is available$/, '…and the next line is still found whole');
   writeFileSync(f, TS + 'Looped descriptor\n'); // a new QEMU replaced the log: shorter than the offset
   t.is(tail.firstNewMatch(DEVICE_ERROR), TS + 'Looped descriptor');
 });

@@ -47,11 +47,13 @@ export class LogTail {
     const buf = Buffer.alloc(len);
     const fd = openSync(this.path, 'r');
     try { readSync(fd, buf, 0, len, this.offset); } finally { closeSync(fd); }
-    // Only whole lines: a line still being written is read again next time.
-    const text = buf.toString('utf8');
-    const end = len === size - this.offset && !text.endsWith('\n') ? text.lastIndexOf('\n') + 1 : len;
-    this.offset += end === 0 && len === this.maxBytes ? len : Buffer.byteLength(text.slice(0, end));
-    return text.slice(0, end).split('\n').find((l) => re.test(l))?.trim() ?? null;
+    // Whole lines only (in bytes): a line still being written is read again next time; a
+    // line longer than maxBytes is passed over.
+    const whole = buf.lastIndexOf(0x0a) + 1;
+    const take = whole > 0 ? whole : len === this.maxBytes ? len : 0;
+    this.offset += take;
+    const text = buf.subarray(0, take).toString('utf8');
+    return text.split('\n').find((l) => re.test(l))?.trim() ?? null;
   }
 }
 
