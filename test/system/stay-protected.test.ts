@@ -208,8 +208,9 @@ test('a replica whose QEMU logs a device error is not trusted: dropped and rebui
     const oldPid = p.qemuPid('B', 'vm');
     // What QEMU's virtio_error() prints when the replica's copy of a ring is garbage; the device
     // is then broken for good (README: replica health). Written where B's QEMU logs.
+    const injectedAt = Date.now();
     appendFileSync(join(p.stateDir('B'), 'vms', 'vm', 'qemu.log'), `${new Date().toISOString()} qemu-system-x86_64: virtio: zero sized buffers are not allowed\n`);
-    const dropped = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastFailover?.kind === 'secondary-dropped' ? s : undefined; }, 30_000, 'A drops the sick replica');
+    const dropped = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastFailover?.kind === 'secondary-dropped' && s.lastFailover.at > injectedAt ? s : undefined; }, 30_000, 'A drops the sick replica');
     t.regex(dropped.lastFailover!.reason, /sick: device error in the secondary's QEMU .*zero sized buffers/);
     t.is(await p.waitProtected('vm', 120_000), 'A', 'protection rebuilt, A still primary');
     t.not(p.qemuPid('B', 'vm'), oldPid, 'a new replica QEMU');
@@ -231,15 +232,16 @@ test('a replica whose output never reaches colo-compare is found by replies leav
     t.is(await p.waitProtected('vm'), 'A');
     await p.waitGuestService('vm');
     const c = await startClient(p, 'vm');
+    const healthyFrom = Date.now();
     await sleep(6000); // healthy: several checkpoints with output matched between them
-    t.is((await p.vmStatus('A', 'vm'))!.lastFailover, null, 'a healthy replica is never distrusted');
+    t.false(((await p.vmStatus('A', 'vm'))!.lastFailover?.at ?? 0) > healthyFrom, 'a healthy replica is never distrusted');
     const oldPid = p.qemuPid('B', 'vm');
     // The replica's guest output (B's redirector → A's compare1 socket) is lost on the way, as
     // from a replica whose NIC is dead: colo-compare holds each reply of the primary until the
     // next periodic checkpoint, and checkpoints stay periodic (no storm, no stall).
     const cutAt = Date.now();
     await p.tb.dropReplTcp('B', vmPorts(19000).compare1);
-    const dropped = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastFailover?.kind === 'secondary-dropped' ? s : undefined; }, 60_000, 'A drops the silent replica');
+    const dropped = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastFailover?.kind === 'secondary-dropped' && s.lastFailover.at > cutAt ? s : undefined; }, 60_000, 'A drops the silent replica');
     t.regex(dropped.lastFailover!.reason, /secondary not trusted: the secondary sent no output to colo-compare for [0-9.]+ s while the guest sent [0-9]+ packets/);
     const slow = c.txns.filter((x) => x.sentAt > cutAt && x.ackAt < dropped.lastFailover!.at);
     t.true(slow.every((x) => x.ackAt - x.sentAt > 300), `replies were held meanwhile: ${JSON.stringify(slow.map((x) => x.ackAt - x.sentAt))}`);
