@@ -181,8 +181,11 @@ test('a resync that fails midway leaves the primary running, unprotected, and is
     t.true(rs.rateBytesPerS > 0 && rs.etaS !== null, JSON.stringify(rs));
     const metrics = await (await fetch(`${p.apiBase('A')}/metrics`)).text();
     t.regex(metrics, /ftkvm_resync_remaining_bytes\{vm="vm"\} [1-9]/);
+    // An earlier attempt may have failed already (CI: B, just restarted, discarded its new replica
+    // on a stale heartbeat of A): wait for the failure this kill causes, not that one.
+    const errBefore = mid.lastProtectError;
     p.killQemu('B', 'vm'); // the new secondary dies in the middle of the copy
-    const failed = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastProtectError ? s : undefined; }, 60_000, 'protection attempt failed');
+    const failed = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.lastProtectError && s.lastProtectError !== errBefore ? s : undefined; }, 60_000, 'protection attempt failed');
     t.is(failed.state, 'standalone');
     t.is(failed.qemu?.runState, 'running', 'never left paused');
     t.log(`resync at ${(rs.bytesDone / (1 << 20)).toFixed(1)}/${rs.bytesTotal >> 20} MiB, ${(rs.rateBytesPerS / 1e6).toFixed(2)} MB/s, eta ${rs.etaS} s when the secondary died; error: ${failed.lastProtectError}`);
