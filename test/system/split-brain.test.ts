@@ -42,19 +42,19 @@ async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect
   };
   await expect(during);
   // Heal the links between the hosts first, the witness once both agents hear each other again.
-  // Healed at once, a secondary still asking the witness can be granted the (long expired) lease
-  // a few ms before the heartbeats return, and take over from a fenced primary: safe, but then
-  // the "from neither" case would not test the resume path it is about (seen once in CI).
   await p.tb.restore('repl');
   await p.tb.restore('mgmt');
   await waitUntil(async () => ((await p.status('A'))?.peer.alive && (await p.status('B'))?.peer.alive) || undefined, 30_000, 'the agents hear each other again');
-  // KNOWN PRODUCT RACE (issue 11; CI runs 5 and 6 of 2026-11-26): a takeover that B decided
-  // while A was still silent keeps asking the witness (connect 500 ms + answer 800 ms); healed
-  // while that request is in flight, the witness grants it although B hears A again and A has
-  // just resumed by the peer rule: both ran as primaries for ~55-100 ms. Until the fix (unfence
-  // only with a renewed lease, or a hold handshake), heal the witness only after such a stale
-  // request has run out, so this test keeps testing the resume path it is about.
-  await sleep(1500);
+  if (reach === 'none') {
+    // Hearing the peer again is no licence to resume: a takeover the secondary decided while A
+    // was silent may still be on its way to the witness (CI saw it granted 55-100 ms after A had
+    // resumed by an old "peer is back" rule: two primaries). Only A's renewed lease counts.
+    await sleep(1000);
+    t.is((await p.vmStatus('A', 'vm'))!.state, 'fenced', 'A stays fenced while the witness is still out of reach');
+    t.true(watch.samples.at(-1)!.A.startsWith('paused(paused)'), `and its guest paused (${watch.samples.at(-1)!.A})`);
+    await p.tb.restoreWitness('A');
+    await waitUntil(async () => { const s = (await p.vmStatus('A', 'vm'))!.state; return s !== 'fenced' ? s : undefined; }, 30_000, 'A resumes once the witness renews its lease');
+  }
   await p.tb.restoreAll();
   const healedAt = Date.now();
   const prim = await p.waitProtected('vm', 120_000);

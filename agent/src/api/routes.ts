@@ -73,6 +73,7 @@ export function buildRoutes(agent: Agent): Route[] {
           epoch: field<number>(b, 'epoch', 'number', true)!,
           sizeBytes: field<number>(b, 'sizeBytes', 'number', true)!,
           primary: field<string>(b, 'primary', 'string', true)!,
+          protection: field<string>(b, 'protection', 'string', false),
         });
         return { json: { ready: true } };
       },

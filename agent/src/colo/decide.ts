@@ -33,6 +33,7 @@ export interface DecideInput {
   stormReason: string | null;          // primary: checkpoint storm detected
   silentReplicaReason: string | null;     // primary: the secondary sends colo-compare nothing while the guest talks (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
+  peerVmPredatesReplica: boolean;      // secondary: peerVm was sent before the protection attempt this replica belongs to
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
   heartbeatIntervalMs: number;
 }
@@ -143,7 +144,7 @@ export function decide(i: DecideInput): Action {
       if (i.peer === 'dead') return { kind: 'takeover', why: 'primary host lost (no heartbeat on any path, host or its QEMU gone)' };
       if (i.peer === 'alive' && pv) {
         if (!pv.qemu) return { kind: 'takeover', why: `primary's QEMU is gone (peer state ${pv.state})` };
-        if (!['protected', 'syncing'].includes(pv.state)) return { kind: 'discard-secondary', why: `primary no longer replicates to this node (peer state ${pv.state})` };
+        if (!['protected', 'syncing'].includes(pv.state) && !i.peerVmPredatesReplica) return { kind: 'discard-secondary', why: `primary no longer replicates to this node (peer state ${pv.state})` };
       }
       return none('replicating');
     }
@@ -153,7 +154,10 @@ export function decide(i: DecideInput): Action {
       // which can be heard here before this QEMU has loaded the first checkpoint and resumed
       // (its RESUME moves us to 'secondary'). Discarding then killed a good replica and made
       // the primary's COLO exit with reason=error right after it reported 'protected'.
-      if (i.peer === 'alive' && pv && pv.state !== 'syncing' && pv.state !== 'protected') return { kind: 'discard-secondary', why: `primary is no longer building this replica (peer state ${pv.state})` };
+      if (i.peer === 'alive' && pv && pv.state !== 'syncing' && pv.state !== 'protected') {
+        if (i.peerVmPredatesReplica) return none(`the primary's last summary (${pv.state}) predates this replica; waiting for one about it`);
+        return { kind: 'discard-secondary', why: `primary is no longer building this replica (peer state ${pv.state})` };
+      }
       return none('waiting for the primary\'s COLO stream');
     }
     case 'fenced': {
@@ -163,11 +167,16 @@ export function decide(i: DecideInput): Action {
       if (i.peer === 'alive' && pv && pv.epoch > i.durable.primaryEpoch) {
         return { kind: 'demote', why: `peer knows of a promotion after this node's (epoch ${pv.epoch} > ${i.durable.primaryEpoch}); this paused copy is stale` };
       }
+      // Only the witness can say this node still owns the epoch. "The peer is back and is not
+      // primary" is not enough: a takeover the peer decided while this node was silent may still
+      // be on its way to the witness, which grants it as soon as it arrives (this lease expired).
+      // CI saw exactly that: resumed by the peer rule, then the peer was granted the stale request
+      // 55-100 ms later, and both ran as primaries. A renewal, by contrast, is serialized by the
+      // witness with any such request: once renewed, a late takeover request is refused.
       if (i.lease === 'held') return { kind: 'unfence', why: 'the witness renewed this node\'s lease: it still owns the current epoch' };
-      if (i.peer === 'alive' && pv && !(pv.qemu && isPrimaryState(pv.state))) {
-        return { kind: 'unfence', why: `peer is back, is not primary and knows no newer promotion (epoch ${pv.epoch} <= ${i.durable.primaryEpoch})` };
-      }
-      return none('fenced: paused until this node learns it still owns the current epoch');
+      return none(i.peer === 'alive'
+        ? 'fenced: the peer is back, but only a renewed lease proves no takeover of this epoch is still on its way to the witness'
+        : 'fenced: paused until the witness renews this node\'s lease or the peer shows a newer promotion');
     }
     default:
       return none(`in transition (${i.state})`);

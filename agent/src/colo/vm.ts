@@ -1,5 +1,6 @@
 // One protected VM on this node: owns its QEMU, its state (one setState that logs
 // `from -> to` with the reason), and runs the actions decide() picks.
+import { randomUUID } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
 import type { Config, VmConfig } from '../config/schema.ts';
 import { checkpointDelay, checkpointStallMs, tapName } from '../config/load.ts';
@@ -90,7 +91,16 @@ export interface VmStatus {
   brokenDevices: string[];
 }
 
-export interface PrepareRequest { epoch: number; sizeBytes: number; primary: string }
+/** `protection`: id of the primary's protection attempt; its heartbeat summaries carry it (see preparedFor). */
+export interface PrepareRequest { epoch: number; sizeBytes: number; primary: string; protection?: string }
+
+/**
+ * How long a secondary disregards the primary's summaries that do not name the protection
+ * attempt it was prepared for. Such a summary was sent before the attempt began (the prepare RPC
+ * and the next heartbeat race); a summary of the attempt follows within a heartbeat interval.
+ * The bound only matters for a primary that never sends one (an older agent, a restart).
+ */
+const PRE_ATTEMPT_SUMMARY_GRACE_MS = 10_000;
 
 export class VmBusyError extends FtkvmError {
   constructor(vm: string, what: string) { super('VM_BUSY', `${vm}: ${what}`); }
@@ -113,6 +123,10 @@ export class VmController {
   private busy = false;
   private ticking = false;
   private takeoverRequested: string | null = null;
+  /** Primary: id of the current (or last) protection attempt, sent in heartbeats. */
+  private protection: string | null = null;
+  /** Secondary: the primary's protection attempt this replica belongs to, and since when (mono ms). */
+  private preparedFor: { protection: string; atMono: number } | null = null;
   private nextProtectAt = 0;
   private protectFailures = 0;
   private lastProtectError: string | null = null;
@@ -185,6 +199,18 @@ export class VmController {
 
   private durable() { return this.d.store.vm(this.name); }
 
+  /**
+   * Secondary: the primary's summary was sent before the protection attempt this replica belongs
+   * to (it names another attempt or none): it says nothing about this replica. CI saw a secondary
+   * prepared in 86 ms decide on the primary's last heartbeat from before the attempt
+   * ('standalone') and kill the new replica, which failed the primary's drive-mirror.
+   */
+  private peerVmPredatesReplica(pv: VmSummary | undefined): boolean {
+    const p = this.preparedFor;
+    if (!p || !pv || (this.state !== 'preparing' && this.state !== 'secondary')) return false;
+    return pv.protection !== p.protection && this.d.clock.mono() - p.atMono < PRE_ATTEMPT_SUMMARY_GRACE_MS;
+  }
+
   summary(): VmSummary {
     const dur = this.durable();
     return {
@@ -193,6 +219,7 @@ export class VmController {
       primaryEpoch: dur.primaryEpoch,
       qemu: !!this.qemu && this.qemu.alive(),
       ...(this.sick ? { sick: this.sick } : {}),
+      ...(this.protection ? { protection: this.protection } : {}),
       checkpoints: this.ckpt.count,
     };
   }
@@ -556,6 +583,7 @@ export class VmController {
         stormReason: this.stormReason(),
         silentReplicaReason: this.state === 'protected' ? this.silent.verdict() : null,
         takeoverRequested: this.takeoverRequested,
+        peerVmPredatesReplica: this.peerVmPredatesReplica(pv),
         peerSilentMs: view.lastHeardMs,
         heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
       });
@@ -634,6 +662,8 @@ export class VmController {
     if (!q) return;
     const attempt = this.protectFailures + 1;
     const t0 = this.d.clock.now();
+    const protection = randomUUID();
+    this.protection = protection;
     this.setState('syncing', `building a replica on ${this.d.config.peer.name} (attempt ${attempt}): ${why}`);
     this.resync = { phase: 'preparing-secondary', bytesDone: 0, bytesTotal: 0, rateBytesPerS: 0, etaS: null, startedAt: t0, attempt };
     const a = this.primaryAddrs();
@@ -644,7 +674,7 @@ export class VmController {
       if (!size) throw new FtkvmError('NO_DISK', 'colo-disk0 not found in query-block');
       const dur = this.durable();
       // Our CLAIM (promotion epoch): a stale primary that merely heard a newer epoch is refused.
-      await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/prepare`, { epoch: dur.primaryEpoch, sizeBytes: size, primary: this.d.config.node.name } satisfies PrepareRequest, 60_000);
+      await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/prepare`, { epoch: dur.primaryEpoch, sizeBytes: size, primary: this.d.config.node.name, protection } satisfies PrepareRequest, 60_000);
       this.resync = { ...this.resync, phase: 'mirroring', bytesTotal: size };
       let lastDone = 0, lastLog = 0;
       await seq.primaryMirror(q, a, (p) => {
@@ -879,6 +909,7 @@ export class VmController {
       this.sick = null;
       this.brokenDevices = [];
       this.d.store.update(this.name, { epoch: req.epoch, role: 'secondary', fenced: false });
+      this.preparedFor = req.protection ? { protection: req.protection, atMono: this.d.clock.mono() } : null;
       this.setState('preparing', `becoming the secondary of ${req.primary} (epoch ${req.epoch})`);
       const vm = this.d.vm;
       const img = this.d.config.qemu.img_binary;

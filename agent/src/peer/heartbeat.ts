@@ -15,6 +15,7 @@ export interface VmSummary {
   primaryEpoch: number; // epoch of the sender's latest promotion for this VM (0 = never primary)
   qemu: boolean;        // a QEMU process for this VM is alive on the sender
   sick?: string;        // secondary: why it should not be trusted
+  protection?: string;  // primary: id of its current (or last) protection attempt (PrepareRequest.protection)
   checkpoints?: number; // checkpoints seen by the sender's QEMU since it started
 }
 
