@@ -233,6 +233,8 @@ export class Agent {
     const w = this.gate.status();
     return {
       peerUp: view.alive,
+      heartbeatRejected: this.heartbeat.rejected,
+      heartbeatStale: this.heartbeat.stale,
       paths: view.paths.map((p, index) => ({ index, address: p.address, up: p.up, rttMs: p.rttMs })),
       witnessUp: w.mode === 'witness' ? !!w.reachable : null,
       vms: [...this.controllers.values()].map((v) => {
@@ -243,5 +245,4 @@ export class Agent {
   }
 
   peerStateFile() { return this.store.snapshot(); }
-  heartbeatRejected(): number { return this.heartbeat.rejected; }
 }

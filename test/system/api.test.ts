@@ -55,7 +55,8 @@ test('GET /metrics: Prometheus text with ftkvm_ metrics', async (t) => {
   t.is(r.status, 200);
   t.regex(String(r.headers['content-type']), /^text\/plain; version=0\.0\.4/);
   for (const m of ['ftkvm_peer_up 0', 'ftkvm_protected_vms 0', 'ftkvm_vm_protected{vm="idle"} 0', 'ftkvm_vm_state{vm="idle",state="stopped"} 1',
-    'ftkvm_heartbeat_path_up{path="0",address="192.0.2.1"} 0', 'ftkvm_vm_epoch{vm="idle"} 0']) {
+    'ftkvm_heartbeat_path_up{path="0",address="192.0.2.1"} 0', 'ftkvm_vm_epoch{vm="idle"} 0',
+    'ftkvm_heartbeat_rejected_total 0', 'ftkvm_heartbeat_stale_total 0']) {
     t.true(r.text.includes(m), `missing: ${m}`);
   }
   for (const m of ['# TYPE ftkvm_checkpoints_total counter', '# TYPE ftkvm_checkpoint_pause_seconds histogram', '# TYPE ftkvm_failovers_total counter',

@@ -82,3 +82,67 @@ test('binding an address in use fails loudly', async (t) => {
   const dup = new HeartbeatService({ ...(a as unknown as { o: ConstructorParameters<typeof HeartbeatService>[0] }).o });
   await t.throwsAsync(dup.start(), { message: /EADDRINUSE/ });
 });
+
+/**
+ * A relay between A and B that records what B sends A, and can replay it later: an attacker on
+ * the path, or datagrams queued in A's socket while A's agent was stopped.
+ */
+async function relayed() {
+  const { createSocket } = await import('node:dgram');
+  const pa = nextPort++, pb = nextPort++, pr = nextPort++;
+  const key = 'k'.repeat(20);
+  const mk = (me: 'a' | 'b', port: number, peerPort: number) => new HeartbeatService({
+    node: me === 'a' ? 'hostA' : 'hostB', peer: me === 'a' ? 'hostB' : 'hostA',
+    peerAddresses: ['127.0.0.1'], peerPort, listenAddress: '127.0.0.1', listenPort: port,
+    intervalMs: 20, timeoutMs: 120, key, clock: systemClock, log: memoryLogger(),
+    summaries: () => ({ vm1: { state: me === 'a' ? 'protected' : 'secondary', epoch: 3, primaryEpoch: 0, qemu: true } }),
+    onChange: () => undefined,
+  });
+  const a = mk('a', pa, pr); // A talks to B only through the relay
+  const b = mk('b', pb, pa);
+  const relay = createSocket('udp4');
+  const recorded: Buffer[] = [];
+  relay.on('message', (buf, rinfo) => {
+    if (rinfo.port === pa) relay.send(buf, pb, '127.0.0.1');   // A -> B
+    else { recorded.push(buf); relay.send(buf, pa, '127.0.0.1'); } // B's pongs -> A
+  });
+  await new Promise<void>((r) => relay.bind(pr, '127.0.0.1', r));
+  const replay = () => { for (const buf of recorded) relay.send(buf, pa, '127.0.0.1'); };
+  return { a, b, relay, recorded, replay };
+}
+
+test('replayed heartbeats do not keep a dead peer alive', async (t) => {
+  const { a, b, relay, recorded, replay } = await relayed();
+  await a.start(); await b.start();
+  t.teardown(() => { a.stop(); b.stop(); relay.close(); });
+  await sleep(150);
+  t.true(a.view().alive, 'heard through the relay');
+  t.true(recorded.length > 3);
+  b.stop();
+  const timer = setInterval(replay, 20); // every authentic datagram B ever sent, again and again
+  t.teardown(() => clearInterval(timer));
+  await sleep(300);
+  t.false(a.view().alive, 'replays prove nothing recent');
+  t.true(a.stale > 0);
+  t.is(a.rejected, 0, 'they are authentic, just old');
+});
+
+test('datagrams queued while this agent was stopped are not taken as news', async (t) => {
+  const { a, b, relay, recorded } = await relayed();
+  await a.start(); await b.start();
+  t.teardown(() => { a.stop(); b.stop(); relay.close(); });
+  await sleep(150);
+  t.true(a.view().alive);
+  const before = recorded.length;
+  // A's agent "restarts": a new instance, then B's old datagrams arrive first.
+  a.stop();
+  b.stop();
+  const a2 = new HeartbeatService({ ...(a as unknown as { o: ConstructorParameters<typeof HeartbeatService>[0] }).o });
+  await a2.start();
+  t.teardown(() => a2.stop());
+  for (const buf of recorded.slice(0, before)) relay.send(buf, (a as unknown as { o: { listenPort: number } }).o.listenPort, '127.0.0.1');
+  await sleep(60);
+  t.false(a2.view().alive, 'B is gone: what it said before the restart is no proof');
+  t.deepEqual(a2.view().vms, {}, 'nor a summary to act on');
+  t.true(a2.stale >= before);
+});

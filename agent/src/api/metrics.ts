@@ -8,6 +8,8 @@ export type FailoverReason =
 
 export interface GaugeSnapshot {
   peerUp: boolean;
+  heartbeatRejected: number;
+  heartbeatStale: number;
   paths: { index: number; address: string; up: boolean; rttMs: number | null }[];
   witnessUp: boolean | null;
   vms: { name: string; state: string; protected: boolean; epoch: number; resyncRemaining: number | null }[];
@@ -22,7 +24,7 @@ export class Metrics {
   private readonly drills: Counter<'vm' | 'result'>;
   private readonly drillFailover: Gauge<'vm'>;
   readonly heartbeatRejected: Counter;
-  private snapshot: () => GaugeSnapshot = () => ({ peerUp: false, paths: [], witnessUp: null, vms: [] });
+  private snapshot: () => GaugeSnapshot = () => ({ peerUp: false, heartbeatRejected: 0, heartbeatStale: 0, paths: [], witnessUp: null, vms: [] });
 
   constructor() {
     const r = [this.registry];
@@ -33,8 +35,12 @@ export class Metrics {
     this.resyncBytes = new Counter({ name: 'ftkvm_resync_bytes_total', help: 'Disk bytes copied to a new secondary', labelNames: ['vm'], registers: r });
     this.drills = new Counter({ name: 'ftkvm_drills_total', help: 'Failover drills run through this node, by result', labelNames: ['vm', 'result'], registers: r });
     this.drillFailover = new Gauge({ name: 'ftkvm_drill_last_failover_seconds', help: 'Failover time measured by the last drill', labelNames: ['vm'], registers: r });
-    this.heartbeatRejected = new Counter({ name: 'ftkvm_heartbeat_rejected_total', help: 'Heartbeat datagrams rejected (bad HMAC, wrong sender, garbage)', registers: r });
     const self = this;
+    // Counted by the heartbeat service; read at scrape time.
+    this.heartbeatRejected = new Counter({ name: 'ftkvm_heartbeat_rejected_total', help: 'Heartbeat datagrams rejected (bad HMAC, wrong sender or protocol version, garbage)', registers: r,
+      collect() { this.reset(); this.inc(self.snapshot().heartbeatRejected); } });
+    new Counter({ name: 'ftkvm_heartbeat_stale_total', help: 'Authentic heartbeat datagrams ignored as proof of nothing recent (replayed, queued while the agent was stopped, from a past life)', registers: r,
+      collect() { this.reset(); this.inc(self.snapshot().heartbeatStale); } });
     new Gauge({ name: 'ftkvm_peer_up', help: '1 when the peer agent is heard on at least one path', registers: r,
       collect() { this.set(self.snapshot().peerUp ? 1 : 0); } });
     new Gauge({ name: 'ftkvm_heartbeat_path_up', help: '1 when the heartbeat path answers', labelNames: ['path', 'address'], registers: r,

@@ -3,6 +3,14 @@
 // peer's agent is "silent" only when NO path delivered anything for the timeout, so one cut
 // link never looks like a dead peer. Datagrams carry the peer's VM summaries and are
 // authenticated with an HMAC over the shared API token.
+//
+// Freshness: an authentic datagram can still be old (replayed by someone on the path, or queued
+// in our socket while this agent was stopped: a primary whose agent slept 23 s once read the
+// peer's heartbeats from before a partition on waking and took them as news). So every datagram
+// echoes the newest ping its sender received from us (`echo`: our instance and ping seq), and it
+// counts only as evidence that the peer was alive when we SENT that ping: a datagram echoing a
+// ping of an earlier life of this agent, or one older than the timeout, says nothing. The price:
+// a one-way link counts as down on both sides (liveness needs a round trip).
 import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
 import { createSocket, type Socket } from 'node:dgram';
 import { isIPv6 } from 'node:net';
@@ -20,13 +28,15 @@ export interface VmSummary {
 }
 
 export interface HeartbeatMessage {
-  v: 1;
+  v: 2;                 // 2: with `echo` (an agent speaking v1 is rejected and counted: upgrade both hosts)
   t: 'ping' | 'pong';
   from: string;
   inst: string;          // agent instance id: changes on every agent start
   seq: number;
   path: number;          // index in the sender's peer.addresses
   sent: number;          // sender's monotonic ms (echoed in the pong for RTT)
+  /** The newest ping the sender received from the recipient (a pong: the ping it answers). */
+  echo: { inst: string; seq: number } | null;
   vms: Record<string, VmSummary>;
 }
 
@@ -74,6 +84,14 @@ export class HeartbeatService {
   private lastHeard: number | null = null;
   private peerInstance: string | null = null;
   private peerVms: Record<string, VmSummary> = {};
+  /** Our pings' send times by seq (only as long as they can prove freshness). */
+  private readonly pingSentAt = new Map<number, number>();
+  /** Freshness (our send time of the echoed ping) of the datagram peerVms came from. */
+  private peerVmsAsOf = -Infinity;
+  /** The newest ping received from the peer, echoed in our pings. */
+  private lastPeerPing: { inst: string; seq: number } | null = null;
+  /** Authentic datagrams ignored because they prove nothing recent (replayed, queued, a past life). */
+  stale = 0;
   private wasAlive = false;
   private pathWasUp: boolean[];
   /** Datagrams rejected (bad HMAC, wrong sender, garbage): exposed as a metric. */
@@ -122,8 +140,11 @@ export class HeartbeatService {
   private tick(): void {
     const now = this.o.clock.mono();
     const vms = this.o.summaries();
+    for (const [seq, at] of this.pingSentAt) if (now - at > this.o.timeoutMs) this.pingSentAt.delete(seq); else break;
     this.o.peerAddresses.forEach((addr, path) => {
-      this.send({ v: 1, t: 'ping', from: this.o.node, inst: this.instance, seq: ++this.seq, path, sent: now, vms }, addr, this.o.peerPort);
+      const seq = ++this.seq;
+      this.pingSentAt.set(seq, now);
+      this.send({ v: 2, t: 'ping', from: this.o.node, inst: this.instance, seq, path, sent: now, echo: this.lastPeerPing, vms }, addr, this.o.peerPort);
     });
     this.evaluate();
   }
@@ -137,19 +158,24 @@ export class HeartbeatService {
     if (mac.length !== want.length || !timingSafeEqual(Buffer.from(mac), Buffer.from(want))) { this.rejected++; return; }
     let msg: HeartbeatMessage;
     try { msg = JSON.parse(body) as HeartbeatMessage; } catch { this.rejected++; return; }
-    if (msg.v !== 1 || msg.from !== this.o.peer) { this.rejected++; return; }
+    if (msg.v !== 2 || msg.from !== this.o.peer) { this.rejected++; return; }
+    if (msg.t === 'ping') {
+      // Always answered: the pong proves to the peer only what its own ping's age says.
+      this.lastPeerPing = { inst: msg.inst, seq: msg.seq };
+      this.send({ v: 2, t: 'pong', from: this.o.node, inst: this.instance, seq: msg.seq, path: msg.path, sent: msg.sent, echo: { inst: msg.inst, seq: msg.seq }, vms: this.o.summaries() }, address, port);
+    }
+    const asOf = msg.echo && msg.echo.inst === this.instance ? this.pingSentAt.get(msg.echo.seq) : undefined;
+    if (asOf === undefined) { this.stale++; return; }
     const now = this.o.clock.mono();
-    this.lastHeard = now;
-    this.peerVms = msg.vms ?? {};
+    this.lastHeard = Math.max(this.lastHeard ?? -Infinity, asOf);
+    if (asOf >= this.peerVmsAsOf) { this.peerVms = msg.vms ?? {}; this.peerVmsAsOf = asOf; }
     if (this.peerInstance !== msg.inst) {
       if (this.peerInstance !== null) this.o.log.info('peer agent restarted', { peer: this.o.peer });
       this.peerInstance = msg.inst;
     }
-    if (msg.t === 'ping') {
-      this.send({ v: 1, t: 'pong', from: this.o.node, inst: this.instance, seq: msg.seq, path: msg.path, sent: msg.sent, vms: this.o.summaries() }, address, port);
-    } else if (msg.t === 'pong') {
+    if (msg.t === 'pong') {
       const p = this.paths[msg.path];
-      if (p) { p.lastHeard = now; p.rtt = now - msg.sent; }
+      if (p) { p.lastHeard = Math.max(p.lastHeard ?? -Infinity, asOf); p.rtt = now - asOf; }
     }
     this.evaluate();
   }
