@@ -6,6 +6,7 @@ import test, { type ExecutionContext } from 'ava';
 import { withPair, sleep } from '../helpers/system.ts';
 import { waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
 import { PrimaryWatch } from '../helpers/primary-watch.ts';
+import { TxnClient } from '../helpers/traffic.ts';
 
 type Reach = 'both' | 'A' | 'B' | 'none';
 
@@ -137,5 +138,53 @@ test('witness down while the peers see each other: nothing changes, health repor
     p.startWitness();
     await waitUntil(async () => (await p.health('A'))?.status === 200 || undefined, 10_000, 'healthy again');
     await waitUntil(async () => (await p.health('B'))?.status === 200 || undefined, 10_000, 'B healthy again');
+  });
+});
+
+// Issue 11 path 1 (measured on the old code: B granted epoch 2 after a 3 s lapse of A's witness
+// path and resumed from its copy of the partition moment: the client's counter went from 610 back
+// to 54). The replica the primary could not release must never be promoted afterwards.
+test('partition with the witness reachable from both, then a lapse of the primary\'s lease: the replica left behind is never promoted, no acknowledged work is lost', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 56, pairOpts, async (p) => {
+    p.startWitness();
+    p.startAgent('A'); p.startAgent('B');
+    t.is(await p.waitProtected('vm'), 'A');
+    await p.waitGuestService('vm');
+    const client = new TxnClient(p.guestIp('vm'));
+    await client.open();
+    client.start();
+    const watch = new PrimaryWatch(p, 'vm');
+    const t0 = Date.now();
+    await p.tb.cut('repl');
+    await sleep(200);
+    await p.tb.cut('mgmt');
+    const a = await waitUntil(async () => { const s = await p.vmStatus('A', 'vm'); return s?.state === 'standalone' ? s : undefined; }, 30_000, 'A drops the unreachable replica');
+    const aAlone = Date.now() - t0;
+    t.is(a.epoch, 2, 'A moved to a new epoch as it dropped the replica it could not release');
+    await sleep(3000); // A serves alone; B keeps asking the witness for a takeover
+    const acked = client.txns.length;
+    t.true(acked > 0, 'A served alone');
+    await p.tb.cutWitness('A'); // A's lease lapses: the old code granted B epoch 2 here
+    await sleep(6000); // three lease periods
+    const during = { A: (await p.vmStatus('A', 'vm'))!.state, B: (await p.vmStatus('B', 'vm'))!.state };
+    t.is(during.A, 'fenced', 'A paused: isolated without a lease');
+    t.not(during.B, 'standalone', 'B must not resume from its copy of the partition moment');
+    t.false(watch.samples.some((x) => x.at >= t0 && x.B === 'PRIMARY'), 'B never ran as primary');
+    await p.tb.restoreAll();
+    const prim = await p.waitProtected('vm', 120_000);
+    t.is(prim, 'A');
+    await sleep(1000);
+    await client.stop();
+    await watch.stop();
+    const values = client.txns.map((x) => x.value);
+    const wentBack = values.findIndex((v, i) => i > 0 && v <= values[i - 1]!);
+    t.is(wentBack, -1, `the counter never goes back (at ${wentBack}: ${values[wentBack - 1]} -> ${values[wentBack]})`);
+    t.true(values.length > acked, 'served again after healing');
+    t.deepEqual(client.errors, [], 'the connection survived');
+    t.log(`A: standalone at epoch ${a.epoch} +${aAlone} ms; during the lapse A=${during.A} B=${during.B}; ${values.length} transactions, last ${values.at(-1)}`);
+    t.log(`QEMU run states: ${watch.timeline(t0)}`);
+    t.deepEqual(watch.violations, [], 'two guests ran as primaries at the same time');
+    client.close();
   });
 });

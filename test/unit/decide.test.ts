@@ -5,7 +5,7 @@ import type { VmSummary } from '../../agent/src/peer/heartbeat.ts';
 const base: DecideInput = {
   node: 'hostA', preferredPrimary: 'hostA', state: 'stopped', busy: false,
   durable: { epoch: 0, primaryEpoch: 0, fenced: false },
-  peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100,
+  peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
   msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null, peerVmPredatesReplica: false,
@@ -157,6 +157,17 @@ test('a replica whose primary died before the first checkpoint is discarded, not
 });
 
 // ---------------------------------------------------------------- witness leases
+test('an agent restart does not fence a healthy primary before it could hear anyone (issue 11 path 5)', (t) => {
+  // just restarted: the witness has not answered the first renewal, the peer not been heard yet
+  t.is(d({ state: 'protected', peer: 'unknown', lease: 'unknown', peerSilentMs: null, msSinceAgentStart: 100, peerVm: undefined }).kind, 'none');
+  t.is(d({ state: 'standalone', peer: 'unknown', lease: 'unknown', peerSilentMs: null, msSinceAgentStart: 5000 }).kind, 'none', 'no news of the lease is not an expired lease');
+  // the witness refused or did not answer and the peer was never heard for a full timeout: isolated
+  t.is(d({ state: 'standalone', peer: 'unknown', lease: 'expired', peerSilentMs: null, msSinceAgentStart: 100 }).kind, 'none', 'not yet: the peer could not have been heard');
+  const f = d({ state: 'standalone', peer: 'unknown', lease: 'expired', peerSilentMs: null, msSinceAgentStart: 600 });
+  t.is(f.kind, 'fence');
+  t.regex(f.why, /peer silent for ever/);
+});
+
 test('an isolated primary without a valid lease fences itself, even while busy, after two silent intervals', (t) => {
   const f = d({ state: 'protected', peer: 'dead', lease: 'expired', leaseReason: 'witness unreachable', peerVm: pv('secondary'), peerSilentMs: 650 });
   t.is(f.kind, 'fence');

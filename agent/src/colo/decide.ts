@@ -36,6 +36,7 @@ export interface DecideInput {
   peerVmPredatesReplica: boolean;      // secondary: peerVm was sent before the protection attempt this replica belongs to
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
   heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
 }
 
 export type Action =
@@ -68,10 +69,12 @@ function yieldsTo(i: DecideInput): boolean {
  * heartbeat intervals are enough here — long before the other host could decide the primary
  * is dead (heartbeat timeout + host probe) and be granted the lease.
  */
-export function mustFence(i: Pick<DecideInput, 'state' | 'lease' | 'leaseReason' | 'peerSilentMs' | 'heartbeatIntervalMs'>): Action | null {
+export function mustFence(i: Pick<DecideInput, 'state' | 'lease' | 'leaseReason' | 'peerSilentMs' | 'heartbeatIntervalMs' | 'heartbeatTimeoutMs' | 'msSinceAgentStart'>): Action | null {
   const primaryRunning = i.state === 'standalone' || i.state === 'protected' || i.state === 'syncing' || i.state === 'dropping';
   if (!primaryRunning || i.lease !== 'expired') return null;
-  const silent = i.peerSilentMs === null || i.peerSilentMs > 2 * i.heartbeatIntervalMs;
+  // Never heard since this agent started counts as silent only once a heartbeat timeout has
+  // passed: right after a restart, not having heard the peer YET proves nothing.
+  const silent = i.peerSilentMs === null ? i.msSinceAgentStart > i.heartbeatTimeoutMs : i.peerSilentMs > 2 * i.heartbeatIntervalMs;
   if (!silent) return null;
   return { kind: 'fence', why: `isolated: peer silent for ${i.peerSilentMs ?? 'ever'} ms and no valid lease (${i.leaseReason})` };
 }

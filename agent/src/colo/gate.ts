@@ -9,8 +9,12 @@ export interface GateDecision {
   retryAfterMs?: number | null;
 }
 
-/** held: valid now · expired: we hold it but could not renew in time · lost: someone else has a newer epoch · none: not kept */
-export type LeaseState = 'held' | 'expired' | 'lost' | 'none';
+/**
+ * held: valid now · expired: we hold it but could not renew in time · lost: someone else has a
+ * newer epoch · unknown: just started keeping it and the witness has not answered the first
+ * renewal yet (after an agent restart: the lease may well still be valid) · none: not kept
+ */
+export type LeaseState = 'held' | 'expired' | 'lost' | 'unknown' | 'none';
 export interface LeaseView { state: LeaseState; reason: string | null; validForMs: number | null }
 
 export interface WitnessStatus {

@@ -532,6 +532,8 @@ export class VmController {
       state: this.state, lease: lease.state, leaseReason: lease.reason,
       peerSilentMs: view.lastHeardMs,
       heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
+      heartbeatTimeoutMs: this.d.config.heartbeat.timeout_ms,
+      msSinceAgentStart: this.d.clock.mono() - this.d.agentStartMono,
     });
     if (!a) return;
     void this.fence(a.why);
@@ -586,6 +588,7 @@ export class VmController {
         peerVmPredatesReplica: this.peerVmPredatesReplica(pv),
         peerSilentMs: view.lastHeardMs,
         heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
+        heartbeatTimeoutMs: this.d.config.heartbeat.timeout_ms,
       });
       this.lastWhy = action.why;
       if (action.kind === 'fence') {
@@ -758,8 +761,20 @@ export class VmController {
       // when the secondary has confirmed it let go of its replica, or with a freshly renewed
       // lease; otherwise the peer may be about to take over (a partition often cuts one path a
       // heartbeat before the other): fence instead, staying in COLO (see fence()).
-      const g = await this.d.gate.acquire(this.name, this.durable().primaryEpoch, why);
+      //
+      // And at a NEW epoch: the unconfirmed secondary still holds a copy of this moment and asks
+      // the witness for (our epoch + 1) as long as it cannot hear us. Left at our epoch, any later
+      // lapse of our lease (a witness restart, a blip on our path to it) would grant it that
+      // epoch, and it would resume from its stale copy: everything acknowledged since now lost
+      // (issue 11 path 1, measured: 691 acknowledged increments gone). The witness refuses a
+      // takeover at an epoch someone else already holds, so that copy can never be promoted.
+      const dur = this.durable();
+      const next = Math.max(dur.epoch, dur.primaryEpoch) + 1;
+      const g = await this.d.gate.acquire(this.name, next, `${why} (replica not released: move past its epoch)`);
       if (!g.granted) { await this.fence(`${why}; the secondary did not confirm the release and ${g.reason}`); return; }
+      this.d.store.update(this.name, { epoch: next, primaryEpoch: next });
+      this.d.gate.keep(this.name, next);
+      this.log.info('moved to a new epoch: the unreleased replica can no longer be promoted', { epoch: next, was: dur.primaryEpoch });
     }
     if (this.durable().fenced) {
       // The fence watchdog got here first (peer silent, lease expired): stay in COLO, paused.

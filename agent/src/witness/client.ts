@@ -20,6 +20,8 @@ export class WitnessGate implements PromotionGate {
   private readonly kept = new Map<string, number>();
   private readonly validUntil = new Map<string, number>();
   private readonly lostWhy = new Map<string, string>();
+  /** Kept, but no renewal has been answered or has failed yet since (see LeaseState 'unknown'). */
+  private readonly firstRenewal = new Set<string>();
   private lastOk: number | null = null;
   private lastError: string | null = null;
   private timer: NodeJS.Timeout;
@@ -76,10 +78,14 @@ export class WitnessGate implements PromotionGate {
 
   keep(vm: string, epoch: number | null): void {
     if (epoch === null) {
-      if (this.kept.delete(vm)) { this.validUntil.delete(vm); this.lostWhy.delete(vm); }
+      if (this.kept.delete(vm)) { this.validUntil.delete(vm); this.lostWhy.delete(vm); this.firstRenewal.delete(vm); }
       return;
     }
     if (this.kept.get(vm) !== epoch) {
+      // Starting to keep a lease we have no news of (an agent restart re-attaching a running
+      // primary): until the witness answers, 'unknown', not 'expired' — calling it expired made
+      // a healthy primary fence itself ~100 ms after an agent restart.
+      if (!this.kept.has(vm) && !this.validUntil.has(vm)) this.firstRenewal.add(vm);
       this.kept.set(vm, epoch);
       void this.renewOne(vm, epoch);
     }
@@ -95,6 +101,8 @@ export class WitnessGate implements PromotionGate {
       const msg = errorMessage(e);
       if (msg !== this.lastError) this.o.log.warn('witness unreachable', { url: this.o.url, error: msg });
       this.lastError = msg;
+    } finally {
+      if (this.kept.get(vm) === epoch) this.firstRenewal.delete(vm);
     }
   }
 
@@ -128,6 +136,7 @@ export class WitnessGate implements PromotionGate {
     const until = this.validUntil.get(vm);
     const now = this.o.clock.mono();
     if (until !== undefined && until > now) return { state: 'held', reason: null, validForMs: Math.round(until - now) };
+    if (this.firstRenewal.has(vm)) return { state: 'unknown', reason: 'waiting for the witness to answer the first renewal', validForMs: null };
     if (this.kept.has(vm)) return { state: 'expired', reason: `lease not renewed in time (witness: ${this.lastError ?? 'no answer'})`, validForMs: 0 };
     return { state: 'none', reason: null, validForMs: null };
   }
