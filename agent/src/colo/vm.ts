@@ -525,6 +525,9 @@ export class VmController {
    * be held up by a running action or a probe). Called every heartbeat interval.
    */
   fenceWatch(): void {
+    if (this.d.store.unsaved) {
+      try { this.d.store.flush(); this.log.info('node state written after an earlier failure', { file: this.d.store.file }); } catch { /* logged when it first failed */ }
+    }
     if (this.fencing || this.stopped || !this.qemu) return;
     const view = this.d.peerView();
     const lease = this.d.gate.lease(this.name);
@@ -536,7 +539,7 @@ export class VmController {
       msSinceAgentStart: this.d.clock.mono() - this.d.agentStartMono,
     });
     if (!a) return;
-    void this.fence(a.why);
+    this.fence(a.why).catch((e) => this.log.error('fencing failed', { error: errorMessage(e) }));
   }
 
   /** One control step: evaluate, decide, act. Called periodically and on events. */
@@ -873,7 +876,13 @@ export class VmController {
 
   private async cutAndPause(q: seq.QmpLike, why: string): Promise<void> {
     const t0 = this.d.clock.now();
-    this.d.store.update(this.name, { fenced: true });
+    try {
+      this.d.store.update(this.name, { fenced: true });
+    } catch (e) {
+      // Pause anyway: the guest must stop serving whatever the disk says. The flag is kept in
+      // memory (nothing resumes it) and written as soon as the disk takes it (fenceWatch).
+      this.log.error('could not persist the fence; pausing anyway, will retry writing', { file: this.d.store.file, error: errorMessage(e) });
+    }
     // Sockets first: QMP commands are answered in order, and one stuck draining an NBD write to
     // the unreachable secondary would hold set_link/stop back.
     await destroyConnections(this.d.exec, replicationSocketFilter(this.d.config.peer.replication_address, vmPorts(this.d.vm.base_port)))

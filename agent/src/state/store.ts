@@ -35,13 +35,28 @@ export class StateStore {
     return this.data.vms[name] ?? { epoch: 0, primaryEpoch: 0, role: 'none', updatedAt: 0 };
   }
 
-  /** Writes through (atomic + fsync) before returning: callers act only on persisted state. */
+  /**
+   * Writes through (atomic + fsync) before returning: callers act only on persisted state. When
+   * the write fails (ENOSPC, EIO) it throws, but the new state is kept in memory and `unsaved`
+   * stays true until a later update or flush() succeeds: a caller that must act anyway (a fence
+   * must pause the guest whatever the disk says) goes on, and the state reaches the disk later.
+   */
   update(name: string, patch: Partial<Omit<VmDurable, 'updatedAt'>>): VmDurable {
     const next = { ...this.vm(name), ...patch, updatedAt: Date.now() };
     next.epoch = Math.max(next.epoch, next.primaryEpoch);
     this.data = { ...this.data, vms: { ...this.data.vms, [name]: next } };
-    writeFileAtomic(this.path, JSON.stringify(this.data, null, 2) + '\n');
+    this.unsaved = true;
+    this.flush();
     return next;
+  }
+
+  /** True while the newest state failed to reach the disk. */
+  unsaved = false;
+
+  /** Write the in-memory state (throws like update()). */
+  flush(): void {
+    writeFileAtomic(this.path, JSON.stringify(this.data, null, 2) + '\n');
+    this.unsaved = false;
   }
 
   snapshot(): NodeStateFile { return structuredClone(this.data); }
