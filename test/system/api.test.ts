@@ -56,13 +56,14 @@ test('GET /metrics: Prometheus text with ftkvm_ metrics', async (t) => {
   t.regex(String(r.headers['content-type']), /^text\/plain; version=0\.0\.4/);
   for (const m of ['ftkvm_peer_up 0', 'ftkvm_protected_vms 0', 'ftkvm_vm_protected{vm="idle"} 0', 'ftkvm_vm_state{vm="idle",state="stopped"} 1',
     'ftkvm_heartbeat_path_up{path="0",address="192.0.2.1"} 0', 'ftkvm_vm_epoch{vm="idle"} 0',
-    'ftkvm_heartbeat_rejected_total 0', 'ftkvm_heartbeat_stale_total 0']) {
+    'ftkvm_heartbeat_stale_total 0']) {
     t.true(r.text.includes(m), `missing: ${m}`);
   }
   for (const m of ['# TYPE ftkvm_checkpoints_total counter', '# TYPE ftkvm_checkpoint_pause_seconds histogram', '# TYPE ftkvm_failovers_total counter',
     '# TYPE ftkvm_drills_total counter', '# TYPE ftkvm_resync_bytes_total counter', '# TYPE ftkvm_heartbeat_rtt_seconds gauge']) {
     t.true(r.text.includes(m), `missing: ${m}`);
   }
+  t.regex(r.text, /\nftkvm_heartbeat_rejected_total \d+\n/);
   // every sample line is NAME{labels} VALUE
   const bad = r.text.split('\n').filter((l) => l && !l.startsWith('#') && !/^[a-z_:][a-z0-9_:]*(\{[^}]*\})? [-+0-9.eEInNaf]+$/.test(l));
   t.deepEqual(bad, []);
@@ -115,6 +116,19 @@ test('malformed JSON 400; wrong field types 400 naming the field; oversized body
   const big = await call('POST', '/v1/vms/idle/drill', { body: JSON.stringify({ pad: 'x'.repeat(100_000) }) });
   t.is(big.status, 413);
   t.is(big.json.error.code, 'BODY_TOO_LARGE');
+});
+
+test('peer RPCs: a release says only what is true, a takeover needs a replica, an older primary is refused', async (t) => {
+  const rel = await call('POST', '/v1/peer/vms/idle/release', { body: '{"reason":"test","epoch":0}' });
+  t.is(rel.status, 200, 'no replica here: nothing that could take over');
+  t.true(rel.json.released);
+  const stale = await call('POST', '/v1/peer/vms/idle/release', { body: '{"reason":"test","epoch":-1}' });
+  t.is(stale.status, 409);
+  t.is(stale.json.error.code, 'STALE_EPOCH');
+  const tk = await call('POST', '/v1/peer/vms/idle/takeover', { body: '{"reason":"test","epoch":0}' });
+  t.is(tk.status, 409);
+  t.is(tk.json.error.code, 'VM_BUSY');
+  t.regex(tk.json.error.message, /cannot take over from state stopped/);
 });
 
 test('the agent survives a client that sends garbage on a raw socket', async (t) => {

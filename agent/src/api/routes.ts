@@ -82,7 +82,8 @@ export function buildRoutes(agent: Agent): Route[] {
       method: 'POST', path: '/v1/peer/vms/:name/release', access: 'write',
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
-        await v.release(field<string>(await ctx.body(), 'reason', 'string', false) ?? 'no reason given');
+        const b = await ctx.body();
+        await v.release(field<string>(b, 'reason', 'string', false) ?? 'no reason given', field<number>(b, 'epoch', 'number', false));
         return { json: { released: true } };
       },
     },
@@ -90,7 +91,8 @@ export function buildRoutes(agent: Agent): Route[] {
       method: 'POST', path: '/v1/peer/vms/:name/takeover', access: 'write',
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
-        v.requestTakeover(field<string>(await ctx.body(), 'reason', 'string', false) ?? 'requested by peer');
+        const b = await ctx.body();
+        v.requestTakeover(field<string>(b, 'reason', 'string', false) ?? 'requested by peer', field<number>(b, 'epoch', 'number', false));
         return { status: 202, json: { accepted: true } };
       },
     },

@@ -181,6 +181,8 @@ export class VmController {
       this.d.gate.keep(this.name, keep ? this.durable().primaryEpoch : null);
       if (to === 'protected') this.protectedSince = this.d.clock.mono();
       if (to !== 'protected' && to !== 'secondary') this.ckpt.reset();
+      // A takeover asked of one replica must not fire on the next one.
+      if (to !== 'secondary' && to !== 'taking-over') this.takeoverRequested = null;
       this.silent.reset();
     }
     for (const w of this.watchers) w(to, reason);
@@ -330,7 +332,7 @@ export class VmController {
       else this.log.error(`primary QEMU ${how}`, { state: was, restartBackoffMs: backoff });
       if (was === 'protected' || was === 'syncing' || was === 'dropping') {
         // The secondary sees this in our next heartbeat; telling it directly saves a few ms.
-        void this.d.peer.call('POST', `/v1/peer/vms/${this.name}/takeover`, { reason: `primary QEMU on ${this.d.config.node.name} ${how}` }, 2000)
+        void this.d.peer.call('POST', `/v1/peer/vms/${this.name}/takeover`, { reason: `primary QEMU on ${this.d.config.node.name} ${how}`, epoch: this.durable().primaryEpoch }, 2000)
           .catch((err) => this.log.warn('could not notify peer of primary QEMU exit', { error: errorMessage(err) }));
       }
       this.setState('stopped', expected ?? `primary QEMU ${how} (was ${was})`);
@@ -729,7 +731,7 @@ export class VmController {
   /** Whatever happened, the guest must not stay paused and no half-built replica may stay attached. */
   private async cleanupAfterFailedProtect(_stoppedByUs: boolean): Promise<void> {
     const q = this.qemu?.qmp;
-    void this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: 'protection attempt failed' }, 3000).catch(() => undefined);
+    void this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: 'protection attempt failed', epoch: this.durable().primaryEpoch }, 3000).catch(() => undefined);
     if (!q) return;
     try {
       const mig = await q.execute<{ status?: string }>('query-migrate');
@@ -757,7 +759,7 @@ export class VmController {
     this.setState('dropping', why);
     // A live secondary is told first, so it never takes over with a stale copy. A dead one
     // cannot answer: do not make the guest wait for connect timeouts.
-    const release = this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why }, 1000).then(() => true, () => false);
+    const release = this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: why, epoch: this.durable().primaryEpoch }, 1000).then(() => true, () => false);
     const released = peerDead ? false : await release;
     if (!released && this.d.gate.mode === 'witness') {
       // Leaving COLO makes QEMU resume the guest by itself, with its network live. Do that only
@@ -958,14 +960,26 @@ export class VmController {
     }
   }
 
-  /** Peer (primary) no longer wants this node's replica. */
-  async release(reason: string): Promise<void> {
-    if (roleOf(this.state) !== 'secondary') return;
-    await this.killQemu(`released by the primary: ${reason}`);
+  /** A peer RPC from a primary promoted at `epoch`: refused when a newer promotion is known here. */
+  private checkSenderEpoch(epoch: number | undefined, what: string): void {
+    const known = this.durable().epoch;
+    if (epoch !== undefined && epoch < known) throw new FtkvmError('STALE_EPOCH', `${what} from a primary promoted at epoch ${epoch}, older than epoch ${known} known here: it is not the current primary`);
+  }
+
+  /**
+   * Peer (primary) no longer wants this node's replica. Answered only when it is true that this
+   * node will not take over: the replica is gone, or there was none. A node that runs the VM or
+   * is taking over refuses (the primary relies on the answer to resume its guest).
+   */
+  async release(reason: string, epoch?: number): Promise<void> {
+    this.checkSenderEpoch(epoch, 'release');
+    if (isPrimaryState(this.state)) throw new VmBusyError(this.name, `this node runs the VM as ${this.state}: it holds no replica to release`);
+    if (roleOf(this.state) === 'secondary') await this.killQemu(`released by the primary: ${reason}`);
   }
 
   /** Peer (primary) tells us its QEMU is gone or hands over (switchover): take over now. */
-  requestTakeover(reason: string): void {
+  requestTakeover(reason: string, epoch?: number): void {
+    this.checkSenderEpoch(epoch, 'takeover request');
     if (this.state !== 'secondary') throw new VmBusyError(this.name, `cannot take over from state ${this.state}`);
     this.takeoverRequested = `requested by the primary: ${reason}`;
     void this.tick();

@@ -152,13 +152,15 @@ export class HeartbeatService {
   private onMessage(buf: Buffer, address: string, port: number): void {
     const s = buf.toString('utf8');
     const sp = s.indexOf(' ');
-    if (sp < 0) { this.rejected++; return; }
+    if (sp < 0) { this.reject(address, port, 'not a heartbeat'); return; }
     const mac = s.slice(0, sp), body = s.slice(sp + 1);
     const want = this.mac(body);
-    if (mac.length !== want.length || !timingSafeEqual(Buffer.from(mac), Buffer.from(want))) { this.rejected++; return; }
+    if (mac.length !== want.length || !timingSafeEqual(Buffer.from(mac), Buffer.from(want))) { this.reject(address, port, 'bad HMAC (another token?)'); return; }
     let msg: HeartbeatMessage;
-    try { msg = JSON.parse(body) as HeartbeatMessage; } catch { this.rejected++; return; }
-    if (msg.v !== 2 || msg.from !== this.o.peer) { this.rejected++; return; }
+    try { msg = JSON.parse(body) as HeartbeatMessage; } catch { this.reject(address, port, 'not JSON'); return; }
+    if (msg.v !== 2) { this.reject(address, port, `heartbeat format v${String(msg.v)}, this agent speaks v2 (upgrade both hosts)`); return; }
+    if (msg.from === this.o.node) { this.reject(address, port, 'our own datagram: a peer address points at this host (peer.addresses)'); return; }
+    if (msg.from !== this.o.peer) { this.reject(address, port, `from "${String(msg.from)}", not the peer "${this.o.peer}"`); return; }
     if (msg.t === 'ping') {
       // Always answered: the pong proves to the peer only what its own ping's age says.
       this.lastPeerPing = { inst: msg.inst, seq: msg.seq };
@@ -178,6 +180,11 @@ export class HeartbeatService {
       if (p) { p.lastHeard = Math.max(p.lastHeard ?? -Infinity, asOf); p.rtt = now - asOf; }
     }
     this.evaluate();
+  }
+
+  /** Counted, and logged the first time and then every 100th, so an operator sees why. */
+  private reject(address: string, port: number, why: string): void {
+    if (this.rejected++ % 100 === 0) this.o.log.warn('heartbeat datagram rejected', { from: `${address}:${port}`, why, rejectedSoFar: this.rejected });
   }
 
   private evaluate(): void {
