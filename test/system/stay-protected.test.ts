@@ -261,3 +261,39 @@ test('a replica whose output never reaches colo-compare is found by replies leav
     c.close();
   });
 });
+
+// Issue 11 path 9: a node must never resume a copy it knows is corrupt. Seen with a database
+// guest under TCG: the replica's console showed a kernel BUG 0.07 s after the primary's host was
+// cut; it took over anyway 0.5 s later, the guest panicked, and status reported a plain takeover.
+test('a replica known to be corrupt is never resumed: the primary lost, the guest restarts from the replicated disk with every acknowledged transaction (a degraded failover, reported)', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 67, { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }] }, async (p) => {
+    p.startAgent('A'); p.startAgent('B');
+    t.is(await p.waitProtected('vm'), 'A');
+    await p.waitGuestService('vm');
+    const c = await startClient(p, 'vm');
+    const replicaPid = p.qemuPid('B', 'vm');
+    // The primary's host dies first (so nobody drops the replica), then the replica's guest
+    // kernel shows what a diverged copy shows: sick long before the loss is even detected.
+    p.killHost('A');
+    await p.tb.isolate('A');
+    const lostAt = Date.now();
+    appendFileSync(p.serialLog('B', 'vm'), 'BUG: unable to handle page fault for address: ffff888000000000\n');
+    const b = await waitUntil(async () => { const s = await p.vmStatus('B', 'vm'); return s?.lastFailover?.kind === 'restart-from-disk' ? s : undefined; }, 60_000, 'B restarts the guest from its disk');
+    t.regex(b.lastFailover!.reason, /not trusted \(guest kernel error.*BUG: unable to handle/);
+    await c.stop();
+    c.close();
+    const lastAcked = c.txns.at(-1)!.value;
+    t.not(p.qemuPid('B', 'vm'), replicaPid, 'the replica QEMU was not resumed: a new one booted');
+    t.is((await p.vmStatus('B', 'vm'))!.state, 'standalone');
+    // The guest rebooted from B's disk, which received every write of the primary.
+    const after = new TxnClient(p.guestIp('vm'));
+    await after.open(120_000);
+    const counter = await after.get();
+    after.close();
+    t.true(counter >= lastAcked, `the durable counter (${counter}) holds every acknowledged transaction (last ${lastAcked})`);
+    const metrics = await (await fetch(`${p.apiBase('B')}/metrics`)).text();
+    t.regex(metrics, /ftkvm_failovers_total\{vm="vm",reason="degraded-restart"\} 1/);
+    t.log(`degraded failover: guest serving again ${Date.now() - lostAt} ms after the loss; counter ${counter} >= last acknowledged ${lastAcked}`);
+  });
+});

@@ -8,7 +8,7 @@ const base: DecideInput = {
   peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
-  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null, peerVmPredatesReplica: false,
+  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, peerVmPredatesReplica: false,
 };
 const pv = (state: string, extra: Partial<VmSummary> = {}): VmSummary => ({ state, epoch: 1, primaryEpoch: 0, qemu: state !== 'stopped', ...extra });
 const d = (o: Partial<DecideInput>) => decide({ ...base, ...o });
@@ -123,6 +123,16 @@ test('secondary takes over when the primary host is lost or its QEMU is gone', (
   t.is(S({ peer: 'dead' }).kind, 'takeover');
   t.is(S({ peerVm: pv('protected', { qemu: false }) }).kind, 'takeover');
   t.is(S({ takeoverRequested: 'switchover' }).kind, 'takeover');
+});
+
+test('a replica known to be corrupt is never resumed: the guest restarts from the replicated disk (issue 11 path 9)', (t) => {
+  const S = (o: Partial<DecideInput>) => d({ state: 'secondary', peerVm: pv('protected'), selfSick: 'guest kernel error on the replica console: BUG', ...o });
+  t.is(S({}).kind, 'none', 'while the primary runs, the primary drops and rebuilds it');
+  for (const o of [{ peer: 'dead' as const }, { peerVm: pv('protected', { qemu: false }) }, { takeoverRequested: 'switchover' }]) {
+    const r = S(o);
+    t.is(r.kind, 'restart-from-disk', JSON.stringify(o));
+    t.regex(r.why, /not trusted \(guest kernel error.*restarting the guest from the replicated disk/);
+  }
 });
 
 test('secondary never takes over while the primary is alive or only its agent restarts', (t) => {

@@ -4,7 +4,7 @@ import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 
 export type FailoverReason =
   | 'primary-lost' | 'primary-qemu-gone' | 'requested'
-  | 'secondary-lost' | 'secondary-sick' | 'checkpoint-stall' | 'checkpoint-storm' | 'other';
+  | 'secondary-lost' | 'secondary-sick' | 'checkpoint-stall' | 'checkpoint-storm' | 'degraded-restart' | 'other';
 
 export interface GaugeSnapshot {
   peerUp: boolean;

@@ -33,6 +33,7 @@ export interface DecideInput {
   stormReason: string | null;          // primary: checkpoint storm detected
   silentReplicaReason: string | null;     // primary: the secondary sends colo-compare nothing while the guest talks (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
+  selfSick: string | null;             // secondary: why this node's own replica is not trusted
   peerVmPredatesReplica: boolean;      // secondary: peerVm was sent before the protection attempt this replica belongs to
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
   heartbeatIntervalMs: number;
@@ -45,6 +46,7 @@ export type Action =
   | { kind: 'protect'; why: string }
   | { kind: 'drop-secondary'; why: string }
   | { kind: 'takeover'; why: string }
+  | { kind: 'restart-from-disk'; why: string }
   | { kind: 'discard-secondary'; why: string }
   | { kind: 'demote'; why: string }
   | { kind: 'fence'; why: string }
@@ -143,10 +145,16 @@ export function decide(i: DecideInput): Action {
       return none('protected');
     }
     case 'secondary': {
-      if (i.takeoverRequested) return { kind: 'takeover', why: i.takeoverRequested };
-      if (i.peer === 'dead') return { kind: 'takeover', why: 'primary host lost (no heartbeat on any path, host or its QEMU gone)' };
+      // Never resume a copy known to be corrupt: the guest would run on diverged memory (seen:
+      // a kernel BUG on the replica's console 0.07 s before the primary's host was lost, a takeover
+      // 0.5 s later, the guest panicked). Boot from the replicated disk instead.
+      const takeover = (why: string): Action => i.selfSick
+        ? { kind: 'restart-from-disk', why: `${why}; this replica is not trusted (${i.selfSick}): restarting the guest from the replicated disk` }
+        : { kind: 'takeover', why };
+      if (i.takeoverRequested) return takeover(i.takeoverRequested);
+      if (i.peer === 'dead') return takeover('primary host lost (no heartbeat on any path, host or its QEMU gone)');
       if (i.peer === 'alive' && pv) {
-        if (!pv.qemu) return { kind: 'takeover', why: `primary's QEMU is gone (peer state ${pv.state})` };
+        if (!pv.qemu) return takeover(`primary's QEMU is gone (peer state ${pv.state})`);
         if (!['protected', 'syncing'].includes(pv.state) && !i.peerVmPredatesReplica) return { kind: 'discard-secondary', why: `primary no longer replicates to this node (peer state ${pv.state})` };
       }
       return none('replicating');

@@ -53,7 +53,9 @@ export interface VmControllerDeps {
 
 export interface FailoverRecord {
   at: number;                     // epoch ms when it completed
-  kind: 'takeover' | 'secondary-dropped';
+  /** restart-from-disk: a DEGRADED failover: the replica could not be resumed (known corrupt, or
+   *  its takeover failed halfway); the guest was rebooted from the replicated disk. */
+  kind: 'takeover' | 'secondary-dropped' | 'restart-from-disk';
   reason: string;
   /** From the last sign of life of the lost side to the end of the sequence (when known). */
   durationMs: number;
@@ -479,7 +481,8 @@ export class VmController {
    * a device-model error in its QEMU's log (read every step: cheap), and, every
    * DEVICE_CHECK_MS, QEMU's own `broken` flag of each virtio device. A sick replica is dropped
    * and rebuilt by the primary (decide: peer summary `sick`) within a heartbeat. (Should the
-   * primary die first, it is still the only copy and takes over.) On a primary the same flag
+   * primary die first, this copy is never resumed: the guest restarts from the replicated disk,
+   * see restartFromDisk.) On a primary the same flag
    * is reported: a broken device cannot serve the guest's clients. The primary also samples
    * the replica's output here (SilentReplicaDetector).
    */
@@ -590,6 +593,7 @@ export class VmController {
         stormReason: this.stormReason(),
         silentReplicaReason: this.state === 'protected' ? this.silent.verdict() : null,
         takeoverRequested: this.takeoverRequested,
+        selfSick: this.state === 'secondary' ? this.sick : null,
         peerVmPredatesReplica: this.peerVmPredatesReplica(pv),
         peerSilentMs: view.lastHeardMs,
         heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
@@ -619,6 +623,7 @@ export class VmController {
         case 'protect': await this.protect(a.why); break;
         case 'drop-secondary': await this.dropSecondary(a.why, peerLiveness === 'dead'); break;
         case 'takeover': await this.takeover(a.why); break;
+        case 'restart-from-disk': await this.takeover(a.why, { fromDisk: true }); break;
         case 'discard-secondary': await this.killQemu(`secondary discarded: ${a.why}`); this.sick = null; break;
         case 'demote': await this.demote(a.why); break;
         case 'fence': await this.fence(a.why); break;
@@ -810,7 +815,7 @@ export class VmController {
     this.setState('standalone', `running unprotected: ${why}`);
   }
 
-  private async takeover(why: string): Promise<void> {
+  private async takeover(why: string, opts: { fromDisk?: boolean } = {}): Promise<void> {
     const q = this.qemu?.qmp;
     if (!q) return;
     const t0 = this.d.clock.now();
@@ -830,7 +835,19 @@ export class VmController {
     this.takeoverRequested = null;
     this.setState('taking-over', why);
     this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
-    await seq.secondaryTakeover(q);
+    if (opts.fromDisk) {
+      await this.restartFromDisk(why, t0, lastHeard);
+      return;
+    }
+    try {
+      await seq.secondaryTakeover(q);
+    } catch (e) {
+      // Half a takeover leaves a QEMU in an unknown state, and 'taking-over' has no way out (no
+      // lease renewal, no fence watchdog): never stay there. This node holds the lease at the
+      // new epoch and the replicated disk: boot from it.
+      await this.restartFromDisk(`${why}; the replica's takeover failed halfway (${errorMessage(e)})`, t0, lastHeard);
+      return;
+    }
     this.recordProcessRole('primary');
     const seqMs = this.d.clock.now() - t0;
     await seq.announce(q).catch((e) => this.log.warn('announce-self failed', { error: errorMessage(e) }));
@@ -838,13 +855,26 @@ export class VmController {
     const detection = requested ? null : lastHeard;
     this.lastFailover = { at: this.d.clock.now(), kind: 'takeover', reason: why, sequenceMs: seqMs, detectionMs: detection, durationMs: seqMs + (detection ?? 0) };
     this.log.info('took over as primary', { epoch: g.epoch, sequenceMs: seqMs, detectionMs: detection, why });
-    if (this.sick) {
-      // The primary died before it dropped this replica: it was the only copy left.
-      this.log.error('took over from a replica that was marked sick; the guest may not be able to serve', { sick: this.sick });
-      this.sick = null;
-    }
     this.nextProtectAt = 0;
     this.setState('standalone', `took over at epoch ${g.epoch}: ${why}`);
+  }
+
+  /**
+   * The degraded failover: the replica must not run (known corrupt, or its takeover failed
+   * halfway), but this node holds the lease and the replicated disk — the secondary's base image
+   * receives every write of the primary, so it holds all acknowledged work up to the loss, as a
+   * crash would leave it. Kill the replica and boot the guest from that disk (restart-HA's
+   * outcome: a reboot, clients reconnect), and say so everywhere.
+   */
+  private async restartFromDisk(why: string, t0: number, lastHeard: number | null): Promise<void> {
+    this.log.error('DEGRADED FAILOVER: not resuming the replica; restarting the guest from the replicated disk', { why });
+    await this.killQemu(`replica not resumed: ${why}`);
+    this.sick = null;
+    this.brokenDevices = [];
+    await this.coldStart(`degraded failover, guest restarted from the replicated disk: ${why}`);
+    const seqMs = this.d.clock.now() - t0;
+    this.d.metrics.failover(this.name, 'degraded-restart');
+    this.lastFailover = { at: this.d.clock.now(), kind: 'restart-from-disk', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };
   }
 
   private async demote(why: string): Promise<void> {

@@ -217,6 +217,9 @@ export class OperationRegistry {
       const ps = await this.d.peer.call<{ vms: VmStatus[] }>('GET', '/v1/status', undefined, 3000);
       const pvs = ps.vms.find((x) => x.name === r.vm);
       if (pvs?.lastFailover) { r.failover.detectionMs = pvs.lastFailover.detectionMs; r.failover.sequenceMs = pvs.lastFailover.sequenceMs; }
+      if (pvs?.lastFailover?.kind === 'restart-from-disk' && pvs.lastFailover.at >= killedAt) {
+        reasons.push(`degraded failover on ${c.peer.name}: the replica was not resumed (${pvs.lastFailover.reason}); the guest was restarted from the replicated disk`);
+      }
       r.checkpoints.after = { primary: pvs?.checkpoints.count ?? null, secondary: v.status().checkpoints.count };
     } catch (e) {
       this.note(r, `could not read the peer's status for the report: ${errorMessage(e)}`);
