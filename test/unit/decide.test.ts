@@ -8,7 +8,7 @@ const base: DecideInput = {
   peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
-  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, peerVmPredatesReplica: false,
+  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, bootHeldMs: null, peerVmPredatesReplica: false,
 };
 const pv = (state: string, extra: Partial<VmSummary> = {}): VmSummary => ({ state, epoch: 1, primaryEpoch: 0, qemu: state !== 'stopped', ...extra });
 const d = (o: Partial<DecideInput>) => decide({ ...base, ...o });
@@ -133,6 +133,17 @@ test('a replica known to be corrupt is never resumed: the guest restarts from th
     t.is(r.kind, 'restart-from-disk', JSON.stringify(o));
     t.regex(r.why, /not trusted \(guest kernel error.*restarting the guest from the replicated disk/);
   }
+});
+
+test('a guest cold-started paused for protection boots unprotected when protection cannot begin (issue 11 path 2)', (t) => {
+  const H = (o: Partial<DecideInput>) => d({ state: 'standalone', bootHeldMs: 1000, peerVm: pv('stopped'), ...o });
+  t.is(H({}).kind, 'protect', 'the normal case: protect first');
+  t.is(H({ peer: 'dead' }).kind, 'boot');
+  t.is(H({ peer: 'agent-down' }).kind, 'boot');
+  t.is(H({ replPathUp: false }).kind, 'boot');
+  t.is(H({ nextProtectAt: 200_000 }).kind, 'none', 'a short backoff after a failed attempt (which resumed the guest anyway)');
+  t.is(H({ nextProtectAt: 200_000, bootHeldMs: 31_000 }).kind, 'boot');
+  t.is(d({ state: 'standalone', bootHeldMs: null, peer: 'dead' }).kind, 'none', 'a running guest is left alone');
 });
 
 test('secondary never takes over while the primary is alive or only its agent restarts', (t) => {

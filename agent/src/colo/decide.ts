@@ -34,6 +34,7 @@ export interface DecideInput {
   silentReplicaReason: string | null;     // primary: the secondary sends colo-compare nothing while the guest talks (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
   selfSick: string | null;             // secondary: why this node's own replica is not trusted
+  bootHeldMs: number | null;           // standalone: the cold-started guest waits paused (-S) for its first protection since
   peerVmPredatesReplica: boolean;      // secondary: peerVm was sent before the protection attempt this replica belongs to
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
   heartbeatIntervalMs: number;
@@ -49,10 +50,14 @@ export type Action =
   | { kind: 'restart-from-disk'; why: string }
   | { kind: 'discard-secondary'; why: string }
   | { kind: 'demote'; why: string }
+  | { kind: 'boot'; why: string }
   | { kind: 'fence'; why: string }
   | { kind: 'unfence'; why: string };
 
 const none = (why: string): Action => ({ kind: 'none', why });
+
+/** How long a cold-started guest may wait paused for its first protection to begin. */
+export const BOOT_HOLD_MAX_MS = 30_000;
 
 /**
  * Both nodes run the VM as primary (split brain after a partition): who yields? The node that
@@ -120,6 +125,13 @@ export function decide(i: DecideInput): Action {
     case 'standalone': {
       if (i.peer === 'alive' && pv && pv.qemu && isPrimaryState(pv.state) && yieldsTo(i)) {
         return { kind: 'demote', why: `peer also runs the VM as primary, promoted at epoch ${pv.primaryEpoch} (this node at ${i.durable.primaryEpoch}); this copy is stale` };
+      }
+      if (i.bootHeldMs !== null) {
+        // Cold-started paused so the replica is built before the first instruction. A protection
+        // that cannot begin must not keep the guest from ever booting.
+        if (i.peer !== 'alive' || !pv) return { kind: 'boot', why: 'the peer went away before protection could begin' };
+        if (!i.replPathUp) return { kind: 'boot', why: 'the replication network to the peer is down' };
+        if (i.bootHeldMs > BOOT_HOLD_MAX_MS) return { kind: 'boot', why: `protection did not begin within ${BOOT_HOLD_MAX_MS / 1000} s of the start` };
       }
       if (i.peer !== 'alive' || !pv) return none('unprotected: peer not available');
       if (isPrimaryState(pv.state) && pv.qemu) return none('peer also claims the VM; waiting for it to yield');

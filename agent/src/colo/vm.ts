@@ -283,6 +283,7 @@ export class VmController {
         break;
       case 'RESUME':
         this.runState = 'running';
+        this.bootHeldSince = null;
         if (this.durable().fenced && !this.unfencing && this.qemu) {
           // A primary that leaves COLO (a drop that began before the fence) is restarted by QEMU
           // itself (migration_iteration_finish → vm_start), whatever `stop` came before. Its
@@ -308,6 +309,8 @@ export class VmController {
   }
 
   private coloExited: string | null = null;
+  /** Cold-started paused (-S) to be protected before the first instruction: since when (mono ms). */
+  private bootHeldSince: number | null = null;
   private lastRefusal: string | null = null;
   private fencing = false;
   /** unfence() resumes the guest on purpose: the RESUME guard must not pause it again. */
@@ -318,6 +321,7 @@ export class VmController {
     if (this.qemu !== h) return;
     this.qemu = undefined;
     this.runState = 'absent';
+    this.bootHeldSince = null;
     h.dispose();
     forgetProcess(this.paths);
     const how = 'unknown' in info ? 'exited' : info.signal ? `killed by ${info.signal}` : `exited with code ${info.code}`;
@@ -594,6 +598,7 @@ export class VmController {
         silentReplicaReason: this.state === 'protected' ? this.silent.verdict() : null,
         takeoverRequested: this.takeoverRequested,
         selfSick: this.state === 'secondary' ? this.sick : null,
+        bootHeldMs: this.state === 'standalone' && this.bootHeldSince !== null ? this.d.clock.mono() - this.bootHeldSince : null,
         peerVmPredatesReplica: this.peerVmPredatesReplica(pv),
         peerSilentMs: view.lastHeardMs,
         heartbeatIntervalMs: this.d.config.heartbeat.interval_ms,
@@ -626,6 +631,7 @@ export class VmController {
         case 'restart-from-disk': await this.takeover(a.why, { fromDisk: true }); break;
         case 'discard-secondary': await this.killQemu(`secondary discarded: ${a.why}`); this.sick = null; break;
         case 'demote': await this.demote(a.why); break;
+        case 'boot': await this.bootUnprotected(a.why); break;
         case 'fence': await this.fence(a.why); break;
         case 'unfence': await this.unfence(a.why); break;
         case 'none': break;
@@ -663,7 +669,19 @@ export class VmController {
       return;
     }
     this.nextProtectAt = 0;
+    this.bootHeldSince = peerUp ? this.d.clock.mono() : null;
     this.setState('standalone', peerUp ? `started paused at epoch ${g.epoch}; protecting before first boot` : `started at epoch ${g.epoch} (${why})`);
+  }
+
+  /** A guest held paused for a protection that cannot begin: boot it unprotected. */
+  private async bootUnprotected(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q || this.durable().fenced) return;
+    const st = await q.execute<{ running: boolean }>('query-status');
+    if (!st.running) await q.execute('cont');
+    this.bootHeldSince = null;
+    this.log.warn('guest booted unprotected', { why });
+    this.setState('standalone', `booted unprotected: ${why}`);
   }
 
   private primaryAddrs(): seq.PrimaryAddrs {
