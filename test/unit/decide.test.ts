@@ -8,7 +8,7 @@ const base: DecideInput = {
   peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
-  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, bootHeldMs: null, peerVmPredatesReplica: false,
+  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, ownQemuWedged: null, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, bootHeldMs: null, peerVmPredatesReplica: false,
 };
 const pv = (state: string, extra: Partial<VmSummary> = {}): VmSummary => ({ state, epoch: 1, primaryEpoch: 0, qemu: state !== 'stopped', ...extra });
 const d = (o: Partial<DecideInput>) => decide({ ...base, ...o });
@@ -144,6 +144,16 @@ test('a guest cold-started paused for protection boots unprotected when protecti
   t.is(H({ nextProtectAt: 200_000 }).kind, 'none', 'a short backoff after a failed attempt (which resumed the guest anyway)');
   t.is(H({ nextProtectAt: 200_000, bootHeldMs: 31_000 }).kind, 'boot');
   t.is(d({ state: 'standalone', bootHeldMs: null, peer: 'dead' }).kind, 'none', 'a running guest is left alone');
+});
+
+test('a checkpoint stall is blamed on the secondary only when this node\'s own QEMU answers (issue 11 path 3)', (t) => {
+  const P = (o: Partial<DecideInput>) => d({ state: 'protected', peerVm: pv('secondary'), msSinceLastCheckpoint: 12_000, ...o });
+  t.is(P({}).kind, 'drop-secondary', 'own QEMU answers: the secondary is stuck');
+  const h = P({ ownQemuWedged: 'QMP query-status unanswered: timeout' });
+  t.is(h.kind, 'hand-over');
+  t.regex(h.why, /the replica is the healthy copy/);
+  t.is(P({ ownQemuWedged: 'timeout', peerVm: pv('secondary', { sick: 'BUG' }) }).kind, 'drop-secondary', 'never hand over to a sick replica: it is dropped as always');
+  t.is(P({ ownQemuWedged: 'timeout', peer: 'dead' }).kind, 'drop-secondary', 'no replica to hand over to: the peer is gone anyway');
 });
 
 test('secondary never takes over while the primary is alive or only its agent restarts', (t) => {

@@ -30,6 +30,7 @@ export interface DecideInput {
   nextStartAt: number;                 // mono ms; restarts back off after QEMU crash loops
   msSinceLastCheckpoint: number | null;
   checkpointStallMs: number;
+  ownQemuWedged: string | null;        // primary, checkpoints stalled: why this node's own QEMU does not answer (null: it answers)
   stormReason: string | null;          // primary: checkpoint storm detected
   silentReplicaReason: string | null;     // primary: the secondary sends colo-compare nothing while the guest talks (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
@@ -51,6 +52,7 @@ export type Action =
   | { kind: 'discard-secondary'; why: string }
   | { kind: 'demote'; why: string }
   | { kind: 'boot'; why: string }
+  | { kind: 'hand-over'; why: string }
   | { kind: 'fence'; why: string }
   | { kind: 'unfence'; why: string };
 
@@ -150,6 +152,14 @@ export function decide(i: DecideInput): Action {
         return { kind: 'drop-secondary', why: 'replication network to the peer is down (peer still heard on another path)' };
       }
       if (i.msSinceLastCheckpoint !== null && i.msSinceLastCheckpoint > i.checkpointStallMs) {
+        if (i.ownQemuWedged) {
+          // The stall is ours: telling the secondary to discard its copy would destroy the only
+          // healthy one. Hand over to it when it is there and trusted.
+          if (i.peer === 'alive' && pv && pv.qemu && pv.state === 'secondary' && !pv.sick) {
+            return { kind: 'hand-over', why: `no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms and this node's QEMU does not answer (${i.ownQemuWedged}): the replica is the healthy copy` };
+          }
+          return none(`no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms, but this node's QEMU does not answer (${i.ownQemuWedged}) and the replica cannot take over: keeping it`);
+        }
         return { kind: 'drop-secondary', why: `no checkpoint for ${Math.round(i.msSinceLastCheckpoint)} ms (limit ${i.checkpointStallMs}): secondary stuck` };
       }
       if (i.stormReason) return { kind: 'drop-secondary', why: i.stormReason };

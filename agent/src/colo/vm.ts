@@ -104,6 +104,9 @@ export interface PrepareRequest { epoch: number; sizeBytes: number; primary: str
  */
 const PRE_ATTEMPT_SUMMARY_GRACE_MS = 10_000;
 
+/** How long the primary's own QEMU may take to answer query-status before a stall is blamed on it. */
+const OWN_QEMU_ANSWER_MS = 3000;
+
 export class VmBusyError extends FtkvmError {
   constructor(vm: string, what: string) { super('VM_BUSY', `${vm}: ${what}`); }
 }
@@ -572,6 +575,11 @@ export class VmController {
       const view = this.d.peerView();
       const lease = this.d.gate.lease(this.name);
       const replPath = view.paths.find((x) => x.address === this.d.config.peer.replication_address);
+      const msSinceLastCheckpoint = this.state === 'protected' ? this.d.clock.now() - Math.max(this.ckpt.lastAt ?? 0, this.stateSince) : null;
+      const stallMs = checkpointStallMs(this.d.config, this.d.vm);
+      // A stall is blamed on the secondary only if our own QEMU still answers: a wedged primary
+      // must not make the secondary discard the one healthy copy.
+      const ownQemuWedged = msSinceLastCheckpoint !== null && msSinceLastCheckpoint > stallMs ? await this.ownQemuWedged() : null;
       const action = decide({
         node: this.d.config.node.name,
         preferredPrimary: this.d.vm.preferred_primary,
@@ -592,8 +600,9 @@ export class VmController {
         nextProtectAt: this.nextProtectAt,
         nextStartAt: this.nextStartAt,
         // since the last checkpoint OF THIS protection period (lastAt may be from an earlier one)
-        msSinceLastCheckpoint: this.state === 'protected' ? this.d.clock.now() - Math.max(this.ckpt.lastAt ?? 0, this.stateSince) : null,
-        checkpointStallMs: checkpointStallMs(this.d.config, this.d.vm),
+        msSinceLastCheckpoint,
+        checkpointStallMs: stallMs,
+        ownQemuWedged,
         stormReason: this.stormReason(),
         silentReplicaReason: this.state === 'protected' ? this.silent.verdict() : null,
         takeoverRequested: this.takeoverRequested,
@@ -632,6 +641,7 @@ export class VmController {
         case 'discard-secondary': await this.killQemu(`secondary discarded: ${a.why}`); this.sick = null; break;
         case 'demote': await this.demote(a.why); break;
         case 'boot': await this.bootUnprotected(a.why); break;
+        case 'hand-over': await this.handOver(a.why); break;
         case 'fence': await this.fence(a.why); break;
         case 'unfence': await this.unfence(a.why); break;
         case 'none': break;
@@ -671,6 +681,26 @@ export class VmController {
     this.nextProtectAt = 0;
     this.bootHeldSince = peerUp ? this.d.clock.mono() : null;
     this.setState('standalone', peerUp ? `started paused at epoch ${g.epoch}; protecting before first boot` : `started at epoch ${g.epoch} (${why})`);
+  }
+
+  /** Why this node's QEMU is wedged (QMP unanswered for OWN_QEMU_ANSWER_MS), or null when it answers. */
+  private async ownQemuWedged(): Promise<string | null> {
+    const q = this.qemu?.qmp;
+    if (!q) return null;
+    try {
+      await q.execute('query-status', undefined, { timeoutMs: OWN_QEMU_ANSWER_MS });
+      return null;
+    } catch (e) {
+      return `QMP query-status unanswered: ${errorMessage(e)}`;
+    }
+  }
+
+  /** This primary's QEMU is wedged and the replica healthy: fail over to it as a crash would. */
+  private async handOver(why: string): Promise<void> {
+    if (this.state !== 'protected' || !this.qemu) return;
+    this.log.error('handing over to the replica: killing this node\'s wedged QEMU', { why });
+    // onQemuExit tells the secondary to take over (was 'protected').
+    await this.killQemu(`handed over: ${why}`);
   }
 
   /** A guest held paused for a protection that cannot begin: boot it unprotected. */
