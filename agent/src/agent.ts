@@ -24,6 +24,9 @@ import { ReceivedBytes } from './colo/replica-health.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { OperationRegistry } from './ops/operations.ts';
+import type { AgentPulse, FencerControl } from './fence/fencer.ts';
+import { hrMono, writeControl, writePulse } from './fence/files.ts';
+import { ensureFencer } from './fence/process.ts';
 
 export interface AgentDeps {
   config: Config;
@@ -122,6 +125,12 @@ export class Agent {
     for (const v of this.controllers.values()) await v.init();
     await this.listen();
     await this.heartbeat.start();
+    if (this.gate instanceof WitnessGate) {
+      // Outlives this agent: keeps renewing the leases through an agent restart, and freezes a
+      // primary whose lease lapses while no agent vouches for the peer (fence/fencer.ts).
+      this.fencer = { pid: 0, lastControl: '' };
+      this.publishToFencer(); // starts it (and restarts it should it die)
+    }
     this.loop = setInterval(() => this.kick(), c.heartbeat.interval_ms);
     this.log.info('agent started', { node: c.node.name, peer: c.peer.name, vms: c.vms.length, version: VERSION, commit: COMMIT, api: c.api.listen });
   }
@@ -138,6 +147,36 @@ export class Agent {
     for (const v of this.controllers.values()) {
       v.fenceWatch(); // never waits behind tick()
       void v.tick();
+    }
+    this.publishToFencer();
+  }
+
+  private fencer: { pid: number; lastControl: string; checkedAt?: number } | undefined;
+
+  /** What the fencer needs: what to keep (when it changes), and every step the agent's word on peer and leases. */
+  private publishToFencer(): void {
+    if (!this.fencer) return;
+    const c = this.c;
+    try {
+      // A fencer that died (or was killed to run a new binary) is started again within seconds.
+      const mono = this.d.clock.mono();
+      if (this.fencer.checkedAt === undefined || mono - this.fencer.checkedAt > 5000) { this.fencer.checkedAt = mono; this.fencer.pid = ensureFencer(c.state_dir, this.log.child('fence')); }
+      const vms: FencerControl['vms'] = {};
+      for (const [n, v] of this.controllers) { const e = v.fencerEntry(); if (e) vms[n] = e; }
+      const control: FencerControl = {
+        witness: { url: c.witness.url!, tokenFile: c.api.token_file, leaseMs: c.witness.lease_ms, node: c.node.name },
+        heartbeatIntervalMs: c.heartbeat.interval_ms, vms,
+      };
+      const text = JSON.stringify(control);
+      if (text !== this.fencer.lastControl) { writeControl(c.state_dir, control); this.fencer.lastControl = text; }
+      const now = hrMono();
+      const view = this.heartbeat.view();
+      const leaseValidUntil: AgentPulse['leaseValidUntil'] = {};
+      for (const n of Object.keys(vms)) { const l = this.gate.lease(n); leaseValidUntil[n] = l.state === 'held' && l.validForMs !== null ? now + l.validForMs : null; }
+      const fenced = [...this.controllers].filter(([, v]) => v.fencedByAgent()).map(([n]) => n);
+      writePulse(c.state_dir, { at: now, peerHeardAt: view.lastHeardMs === null ? null : now - view.lastHeardMs, leaseValidUntil, fenced });
+    } catch (e) {
+      this.log.error('lease fencer: could not start it or update its files', { error: errorMessage(e) });
     }
   }
 

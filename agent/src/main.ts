@@ -14,6 +14,7 @@ import { operationCommand } from './cli/ops.ts';
 import { HELP, commandHelp } from './cli/help.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { WitnessServer } from './witness/server.ts';
+import { runFencer } from './fence/process.ts';
 
 const DEFAULT_CONFIG = '/etc/ftkvm/agent.yaml';
 
@@ -69,7 +70,7 @@ export async function main(argv: string[]): Promise<number> {
   } as const;
   let parsed;
   try {
-    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' } }, allowPositionals: true, strict: true });
+    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' } }, allowPositionals: true, strict: true });
   } catch (e) {
     process.stderr.write(`ftkvm-agent ${cmd}: ${errorMessage(e)}\n${commandHelp(cmd)}\n`);
     return EXIT.USAGE;
@@ -110,6 +111,11 @@ export async function main(argv: string[]): Promise<number> {
           process.once('SIGINT', stop);
         });
       }
+      case 'fencer': {
+        if (!o['state-dir']) { process.stderr.write('ftkvm-agent fencer: --state-dir DIR is required (the agent starts it)\n'); return EXIT.USAGE; }
+        await runFencer(o['state-dir'], createLogger({ component: 'fencer' }));
+        return EXIT.OK;
+      }
       case 'drill':
       case 'switchover':
         return await operationCommand(target(), cmd, positionals[0], { wait: !!o.wait, json: !!o.json });
@@ -123,5 +129,5 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || (process.argv[2] !== 'run' && process.argv[2] !== 'witness')) setTimeout(() => process.exit(code), 50).unref(); },
+main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || (process.argv[2] !== 'run' && process.argv[2] !== 'witness' && process.argv[2] !== 'fencer')) setTimeout(() => process.exit(code), 50).unref(); },
   (e) => { process.stderr.write(`ftkvm-agent: ${errorMessage(e)}\n`); process.exit(EXIT.FAILURE); });

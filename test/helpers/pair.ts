@@ -146,10 +146,17 @@ export class AgentPair {
     return pid;
   }
 
-  /** SIGKILL a whole "host": its agent first (so it cannot report anything), then every QEMU. */
+  /** SIGKILL a whole "host": its agent first (so it cannot report anything), then every QEMU and its lease fencer. */
   killHost(h: H): void {
     this.killAgent(h);
     for (const vm of this.o.vms) this.killQemu(h, vm.name);
+    const fencer = this.fencerPid(h);
+    if (fencer) { try { process.kill(fencer, 'SIGKILL'); } catch { /* gone */ } }
+  }
+
+  /** PID of the host's lease fencer (witness mode), from its pid file. */
+  fencerPid(h: H): number | null {
+    try { return Number(readFileSync(join(this.stateDir(h), 'fencer.pid'), 'utf8').trim()) || null; } catch { return null; }
   }
 
   async api<T>(h: H, method: 'GET' | 'POST', path: string, body?: unknown, auth = true): Promise<{ status: number; json: T }> {

@@ -8,7 +8,7 @@ const base: DecideInput = {
   peer: 'alive', peerVm: undefined, replPathUp: true, lease: 'held', leaseReason: null, peerSilentMs: 30, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 500,
   msSinceAgentStart: 60_000, startupPeerWaitMs: 15_000, heardPeerSinceStart: true,
   nowMono: 100_000, nextProtectAt: 0, nextStartAt: 0,
-  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, ownQemuWedged: null, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, bootHeldMs: null, peerVmPredatesReplica: false,
+  msSinceLastCheckpoint: null, checkpointStallMs: 10_000, ownQemuWedged: null, stormReason: null, silentReplicaReason: null, takeoverRequested: null, selfSick: null, replicaEpoch: null, bootHeldMs: null, peerVmPredatesReplica: false,
 };
 const pv = (state: string, extra: Partial<VmSummary> = {}): VmSummary => ({ state, epoch: 1, primaryEpoch: 0, qemu: state !== 'stopped', ...extra });
 const d = (o: Partial<DecideInput>) => decide({ ...base, ...o });
@@ -154,6 +154,14 @@ test('a checkpoint stall is blamed on the secondary only when this node\'s own Q
   t.regex(h.why, /the replica is the healthy copy/);
   t.is(P({ ownQemuWedged: 'timeout', peerVm: pv('secondary', { sick: 'BUG' }) }).kind, 'drop-secondary', 'never hand over to a sick replica: it is dropped as always');
   t.is(P({ ownQemuWedged: 'timeout', peer: 'dead' }).kind, 'drop-secondary', 'no replica to hand over to: the peer is gone anyway');
+});
+
+test('a replica left behind by a primary that moved to a new epoch is discarded, never promoted (issue 11 path 1)', (t) => {
+  // B copies epoch 1; A dropped it during a partition and moved to epoch 2; B just heard of it
+  const r = d({ state: 'secondary', replicaEpoch: 1, durable: { epoch: 2, primaryEpoch: 0, fenced: false }, peer: 'dead', peerVm: pv('standalone', { epoch: 2 }) });
+  t.is(r.kind, 'discard-secondary');
+  t.regex(r.why, /left behind/);
+  t.is(d({ state: 'secondary', replicaEpoch: 2, durable: { epoch: 2, primaryEpoch: 0, fenced: false }, peer: 'dead' }).kind, 'takeover');
 });
 
 test('secondary never takes over while the primary is alive or only its agent restarts', (t) => {

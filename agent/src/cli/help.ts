@@ -8,6 +8,7 @@ Commands:
   drill VM       failover drill: crash the primary's QEMU, verify takeover, probe and re-protection
   switchover VM  planned move of the primary role to the other host (then re-protected back)
   witness        run the witness lease service (third machine)
+  fencer         the lease fencer (started by the agent in witness mode; not run by hand)
   check-config   validate agent.yaml and exit
   version        print version and git commit
 
@@ -21,6 +22,13 @@ Exit codes: 0 ok, 1 failure, 2 usage or invalid configuration, 3 QEMU lacks COLO
             4 agent unreachable, 5 not healthy / drill failed / request refused`;
 
 const PER: Record<string, string> = {
+  fencer: `Usage: ftkvm-agent fencer --state-dir DIR
+
+Started by the agent (witness mode), detached, and left running across agent restarts, as QEMU
+is. It renews this host's primaries' leases at the witness like the agent does, and freezes a
+primary's QEMU (SIGSTOP) when the lease can no longer be proven and the agent has not vouched
+for a live peer within two heartbeat intervals (the agent dead or hung while the host is cut
+off); it thaws it (SIGCONT) when the witness renews the lease again. Logs to DIR/fencer.log.`,
   run: `Usage: ftkvm-agent run [--config PATH]
 
 Validates the configuration (refuses to start, exit 2, on any error: the message names the

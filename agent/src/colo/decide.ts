@@ -35,6 +35,7 @@ export interface DecideInput {
   silentReplicaReason: string | null;     // primary: the secondary sends colo-compare nothing while the guest talks (replica-health.ts)
   takeoverRequested: string | null;    // primary asked us (RPC) to take over now
   selfSick: string | null;             // secondary: why this node's own replica is not trusted
+  replicaEpoch: number | null;         // secondary: the promotion epoch of the primary its replica copies
   bootHeldMs: number | null;           // standalone: the cold-started guest waits paused (-S) for its first protection since
   peerVmPredatesReplica: boolean;      // secondary: peerVm was sent before the protection attempt this replica belongs to
   peerSilentMs: number | null;         // since the last heartbeat from the peer (null: never heard)
@@ -167,6 +168,11 @@ export function decide(i: DecideInput): Action {
       return none('protected');
     }
     case 'secondary': {
+      if (i.replicaEpoch !== null && i.durable.epoch > i.replicaEpoch) {
+        // The primary moved to a new epoch without this replica (it dropped it while it could not
+        // reach us): whatever this copy holds is older than what it acknowledged since.
+        return { kind: 'discard-secondary', why: `epoch ${i.durable.epoch} is known, newer than the epoch ${i.replicaEpoch} this replica copies: it was left behind` };
+      }
       // Never resume a copy known to be corrupt: the guest would run on diverged memory (seen:
       // a kernel BUG on the replica's console 0.07 s before the primary's host was lost, a takeover
       // 0.5 s later, the guest panicked). Boot from the replicated disk instead.

@@ -231,6 +231,16 @@ export class VmController {
     };
   }
 
+  /** What the lease fencer must keep for this VM: a primary's epoch and its QEMU (fence/fencer.ts). */
+  fencerEntry(): { epoch: number; qemuPid: number } | null {
+    const kept = this.state === 'standalone' || this.state === 'syncing' || this.state === 'protected' || this.state === 'dropping' || this.state === 'fenced';
+    if (!kept || !this.qemu?.alive()) return null;
+    return { epoch: this.durable().primaryEpoch, qemuPid: this.qemu.pid };
+  }
+
+  /** The agent has fenced this VM (or is fencing it) itself. */
+  fencedByAgent(): boolean { return this.fencing || this.state === 'fenced' || !!this.durable().fenced; }
+
   isProtected(): boolean { return this.state === 'protected' || this.state === 'secondary'; }
 
   status(): VmStatus {
@@ -607,6 +617,7 @@ export class VmController {
         silentReplicaReason: this.state === 'protected' ? this.silent.verdict() : null,
         takeoverRequested: this.takeoverRequested,
         selfSick: this.state === 'secondary' ? this.sick : null,
+        replicaEpoch: this.durable().replicaEpoch ?? null,
         bootHeldMs: this.state === 'standalone' && this.bootHeldSince !== null ? this.d.clock.mono() - this.bootHeldSince : null,
         peerVmPredatesReplica: this.peerVmPredatesReplica(pv),
         peerSilentMs: view.lastHeardMs,
@@ -869,7 +880,13 @@ export class VmController {
     const t0 = this.d.clock.now();
     const lastHeard = this.d.peerView().lastHeardMs;
     const requested = this.takeoverRequested;
-    const epoch = this.durable().epoch + 1;
+    // The epoch right after the one this replica copies, never after one merely heard of: a
+    // primary that left this replica behind moved to a new epoch (dropSecondary), and the
+    // witness refuses that epoch to anyone else. Asking (highest epoch known + 1) instead let a
+    // stale replica that had just heard the new epoch in a heartbeat be granted the next one
+    // (seen in the 'replica left behind' test: B took over at epoch 3 from its old copy).
+    const dur = this.durable();
+    const epoch = (dur.replicaEpoch ?? dur.epoch) + 1;
     // Ask the gate BEFORE changing anything: a refusal (the old primary's lease is still valid)
     // is retried on the next control step.
     const g = await this.d.gate.acquire(this.name, epoch, why);
@@ -1012,7 +1029,7 @@ export class VmController {
       if (this.qemu) await this.killQemu('replaced by a fresh secondary');
       this.sick = null;
       this.brokenDevices = [];
-      this.d.store.update(this.name, { epoch: req.epoch, role: 'secondary', fenced: false });
+      this.d.store.update(this.name, { epoch: req.epoch, role: 'secondary', fenced: false, replicaEpoch: req.epoch });
       this.preparedFor = req.protection ? { protection: req.protection, atMono: this.d.clock.mono() } : null;
       this.setState('preparing', `becoming the secondary of ${req.primary} (epoch ${req.epoch})`);
       const vm = this.d.vm;

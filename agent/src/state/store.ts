@@ -11,6 +11,7 @@ export interface VmDurable {
   primaryEpoch: number;   // epoch of this node's latest promotion; 0 = never primary
   role: DurableRole;      // role when last written
   fenced?: boolean;       // primary paused because it lost peer and witness: never resume blindly
+  replicaEpoch?: number;  // secondary: the promotion epoch of the primary this node's replica copies
   updatedAt: number;
 }
 

@@ -1,0 +1,157 @@
+// The lease fencer: one small process per host, started by the agent and outliving it as QEMU
+// does. It exists for the one case the agent cannot handle itself: the agent dead or hung
+// (SIGSTOP, stuck I/O) while the host is cut off. Only the agent could pause the guest, so the
+// old QEMU went on serving after the peer had been granted the lease (issue 11 path 8, measured:
+// both ran as primaries for 23-24 s).
+//
+// It applies the agent's own fence rule (decide.ts mustFence) with what it can know without
+// the agent: the lease, which it renews itself at the witness like the agent does (so an
+// ordinary agent restart or upgrade never lets it lapse), and the agent's latest word on the
+// peer, which the agent publishes every control step. When the lease cannot be proven valid and
+// the agent has not vouched for a live peer within two heartbeat intervals, it freezes the
+// primary's QEMU with SIGSTOP (every thread: no vCPU runs, no frame leaves), before the witness
+// could grant the lease away (validity ends a margin before the witness's expiry). A later
+// successful renewal proves the VM is still ours: SIGCONT. A refusal naming another holder
+// leaves it frozen; the agent, once back, demotes it.
+//
+// Pure core with injected I/O (clock, files, HTTP, signals): unit-tested with fakes.
+
+export interface FencerWitness { url: string; tokenFile: string; leaseMs: number; node: string }
+
+/** Written by the agent (fence/control.ts) whenever what it keeps changes. */
+export interface FencerControl {
+  witness: FencerWitness | null;
+  heartbeatIntervalMs: number;
+  /** Primaries whose lease this host keeps: epoch and the QEMU to freeze. */
+  vms: Record<string, { epoch: number; qemuPid: number }>;
+}
+
+/** Written by the agent every control step (cheap: no fsync). Times are CLOCK_MONOTONIC ms. */
+export interface AgentPulse {
+  at: number;
+  /** When the agent last had fresh proof that the peer is alive (heartbeats.ts freshness). */
+  peerHeardAt: number | null;
+  /** Until when the agent's own witness client counts each lease valid (it renews too). */
+  leaseValidUntil: Record<string, number | null>;
+  /** VMs the agent has fenced (or is fencing) itself: nothing for the fencer to add. */
+  fenced: string[];
+}
+
+export interface RenewAnswer { granted: boolean; holder: string; epoch: number; reason?: string }
+
+export interface FencerDeps {
+  mono(): number;                      // CLOCK_MONOTONIC ms, the same clock as the agent's pulse
+  readControl(): FencerControl | null;
+  readPulse(): AgentPulse | null;
+  readToken(file: string): string;
+  renew(w: FencerWitness, token: string, vm: string, epoch: number): Promise<RenewAnswer>; // throws when unreachable
+  alive(pid: number): boolean;
+  signal(pid: number, sig: 'SIGSTOP' | 'SIGCONT'): void;
+  log(level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void;
+}
+
+interface Kept {
+  epoch: number;
+  pid: number;
+  validUntil: number | null;  // mono ms; null: no renewal answered yet
+  lost: string | null;        // another node holds a newer epoch
+  frozen: boolean;            // we sent SIGSTOP
+  renewing: boolean;
+  lastRenewAt: number;
+}
+
+/** Same margin as the agent's witness client: never trust the lease up to the witness's own expiry. */
+export const marginMs = (leaseMs: number): number => Math.max(300, Math.floor(leaseMs / 4));
+export const renewEveryMs = (leaseMs: number): number => Math.max(50, Math.floor(leaseMs / 5));
+
+export class Fencer {
+  private readonly kept = new Map<string, Kept>();
+  private control: FencerControl | null = null;
+  constructor(private readonly d: FencerDeps) {}
+
+  /** One pass: called every ~50 ms. */
+  step(): void {
+    this.control = this.d.readControl();
+    const c = this.control;
+    const want = c?.witness ? c.vms : {};
+    for (const [vm, k] of this.kept) {
+      const w = want[vm];
+      if (!w || w.qemuPid !== k.pid) {
+        // No longer kept (demoted, stopped, replaced): never leave a QEMU frozen behind us.
+        if (k.frozen && this.d.alive(k.pid)) { this.d.signal(k.pid, 'SIGCONT'); this.d.log('info', 'released a QEMU it had frozen: the agent no longer keeps its lease', { vm, pid: k.pid }); }
+        this.kept.delete(vm);
+      }
+    }
+    if (!c?.witness) return;
+    const now = this.d.mono();
+    for (const [vm, w] of Object.entries(want)) {
+      let k = this.kept.get(vm);
+      if (!k) {
+        k = { epoch: w.epoch, pid: w.qemuPid, validUntil: null, lost: null, frozen: false, renewing: false, lastRenewAt: -Infinity };
+        this.kept.set(vm, k);
+      }
+      if (k.epoch !== w.epoch) { k.epoch = w.epoch; k.lost = null; k.lastRenewAt = -Infinity; }
+      if (!this.d.alive(k.pid)) continue; // QEMU gone: nothing to renew or freeze
+      if (!k.renewing && now - k.lastRenewAt >= renewEveryMs(c.witness.leaseMs)) void this.renew(vm, k, c.witness);
+      this.enforce(vm, k, now, c);
+    }
+  }
+
+  private enforce(vm: string, k: Kept, now: number, c: FencerControl): void {
+    if (k.frozen) return;
+    const pulse = this.d.readPulse();
+    const peerVouched = pulse?.peerHeardAt != null && now - pulse.peerHeardAt <= 2 * c.heartbeatIntervalMs;
+    // Valid as long as either renewer (this process or the agent) proved it.
+    const agentValid = pulse?.leaseValidUntil[vm] ?? null;
+    const valid = k.validUntil === null ? agentValid : agentValid === null ? k.validUntil : Math.max(k.validUntil, agentValid);
+    const why = k.lost ? `lease lost: ${k.lost}`
+      : valid === null ? (k.renewing || k.lastRenewAt === -Infinity ? null : 'no renewal of the lease answered')
+        : now > valid ? `lease not renewed for ${Math.round(now - valid + marginMs(c.witness!.leaseMs))} ms` : null;
+    if (!why) return;
+    if (!k.lost && peerVouched) return; // the agent hears the peer: it will not take over (mustFence)
+    // A live agent fences by itself (QMP: network cut, vCPUs paused), and a SIGSTOP under it would
+    // only make its QMP commands hang. The fencer is the backstop for an agent that is dead or
+    // hung, or alive but failing to fence: it waits for the agent up to half the margin the
+    // witness leaves (validity ends that long before anyone can be granted the lease).
+    const agentAlive = pulse !== null && now - pulse.at <= 2 * c.heartbeatIntervalMs;
+    if (agentAlive && pulse.fenced.includes(vm)) return;
+    if (agentAlive && !k.lost && valid !== null && now <= valid + marginMs(c.witness!.leaseMs) / 2) return;
+    this.d.signal(k.pid, 'SIGSTOP');
+    k.frozen = true;
+    const agentAge = pulse ? Math.round(now - pulse.at) : null;
+    this.d.log('error', 'FROZE the primary QEMU (SIGSTOP): the lease cannot be proven and the agent vouches for no live peer', { vm, pid: k.pid, epoch: k.epoch, why, agentLastPulseMsAgo: agentAge });
+  }
+
+  private async renew(vm: string, k: Kept, w: FencerWitness): Promise<void> {
+    k.renewing = true;
+    const sentAt = this.d.mono();
+    k.lastRenewAt = sentAt;
+    const epoch = k.epoch;
+    try {
+      const a = await this.d.renew(w, this.d.readToken(w.tokenFile), vm, epoch);
+      if (this.kept.get(vm) !== k || k.epoch !== epoch) return;
+      if (a.granted) {
+        k.validUntil = sentAt + w.leaseMs - marginMs(w.leaseMs);
+        k.lost = null;
+        if (k.frozen && this.d.alive(k.pid)) {
+          this.d.signal(k.pid, 'SIGCONT');
+          k.frozen = false;
+          this.d.log('warn', 'thawed the primary QEMU (SIGCONT): the witness renewed its lease', { vm, pid: k.pid, epoch });
+        }
+      } else if (a.holder !== w.node && a.epoch >= epoch) {
+        k.lost = `${a.holder} holds epoch ${a.epoch}`;
+      }
+      // Refused in favour of a newer epoch of our own: the agent moved on (a new control follows).
+    } catch {
+      // Unreachable: validity simply runs out.
+    } finally {
+      k.renewing = false;
+    }
+  }
+
+  /** For status and tests. */
+  view(): Record<string, { epoch: number; pid: number; frozen: boolean; validForMs: number | null; lost: string | null }> {
+    const now = this.d.mono();
+    return Object.fromEntries([...this.kept].map(([vm, k]) => [vm, { epoch: k.epoch, pid: k.pid, frozen: k.frozen, validForMs: k.validUntil === null ? null : Math.round(k.validUntil - now), lost: k.lost }]));
+  }
+}

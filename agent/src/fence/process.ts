@@ -1,0 +1,77 @@
+// The fencer's process: `ftkvm-agent fencer --state-dir DIR`, started by the agent (detached, its
+// own session, like QEMU: an agent restart or stop leaves it running) and found again by its pid
+// file. Real I/O for the pure core in fencer.ts.
+import { spawn } from 'node:child_process';
+import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { Agent, request } from 'undici';
+import type { Logger } from '../log/logger.ts';
+import { errorMessage } from '../util/errors.ts';
+import { Fencer, renewEveryMs, type FencerWitness, type RenewAnswer } from './fencer.ts';
+import { fencerPaths, hrMono, readControl, readPulse } from './files.ts';
+
+const STEP_MS = 50;
+
+function alive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+}
+
+function isFencer(pid: number): boolean {
+  try { return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('fencer'); } catch { return false; }
+}
+
+/** Runs until SIGTERM/SIGINT. */
+export async function runFencer(stateDir: string, log: Logger): Promise<void> {
+  const paths = fencerPaths(stateDir);
+  writeFileSync(paths.pid, `${process.pid}\n`);
+  const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
+  const renew = async (w: FencerWitness, token: string, vm: string, epoch: number): Promise<RenewAnswer> => {
+    const t = Math.max(200, renewEveryMs(w.leaseMs) * 2);
+    const res = await request(`${w.url.replace(/\/$/, '')}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
+      method: 'POST', dispatcher, headersTimeout: t, bodyTimeout: t,
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ node: w.node, epoch, leaseMs: w.leaseMs }),
+    });
+    const b = (await res.body.json()) as { granted?: boolean; holder?: string; epoch?: number; reason?: string };
+    return { granted: res.statusCode === 200 && !!b.granted, holder: b.holder ?? '', epoch: b.epoch ?? 0, reason: b.reason };
+  };
+  const f = new Fencer({
+    mono: hrMono,
+    readControl: () => readControl(stateDir),
+    readPulse: () => readPulse(stateDir),
+    readToken: (file) => readFileSync(file, 'utf8').trim(),
+    renew,
+    alive,
+    signal: (pid, sig) => { try { process.kill(pid, sig); } catch (e) { log.error(`${sig} failed`, { pid, error: errorMessage(e) }); } },
+    log: (level, msg, fields) => log[level](msg, fields),
+  });
+  log.info('fencer started', { stateDir, pid: process.pid });
+  const timer = setInterval(() => f.step(), STEP_MS);
+  await new Promise<void>((resolve) => {
+    process.once('SIGTERM', resolve);
+    process.once('SIGINT', resolve);
+  });
+  clearInterval(timer);
+  await dispatcher.close().catch(() => undefined);
+  log.info('fencer stopped');
+}
+
+/** The agent's side: make sure this host's fencer runs (started once, reused across agent restarts). */
+export function ensureFencer(stateDir: string, log: Logger): number {
+  const paths = fencerPaths(stateDir);
+  try {
+    const pid = Number(readFileSync(paths.pid, 'utf8').trim());
+    if (pid > 0 && alive(pid) && isFencer(pid)) return pid;
+  } catch { /* none yet */ }
+  // The same executable: the SEA binary itself, or node + this script in development.
+  const self = process.argv[1] && !process.argv[1].startsWith('-') && process.execPath !== process.argv[1] && /\.(ts|js|mjs)$/.test(process.argv[1]) ? [process.argv[1]] : [];
+  mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+  const out = openSync(paths.log, 'a');
+  try {
+    const child = spawn(process.execPath, [...process.execArgv, ...self, 'fencer', '--state-dir', stateDir], { detached: true, stdio: ['ignore', out, out] });
+    child.unref();
+    log.info('lease fencer started', { pid: child.pid, log: paths.log });
+    return child.pid ?? 0;
+  } finally {
+    closeSync(out);
+  }
+}

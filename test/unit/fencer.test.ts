@@ -1,0 +1,120 @@
+// The lease fencer's rule, with fake time, files, witness and signals.
+import test from 'ava';
+import { Fencer, type AgentPulse, type FencerControl, type RenewAnswer } from '../../agent/src/fence/fencer.ts';
+
+function rig(o: { witness?: 'up' | 'down' | 'lost' } = {}) {
+  let now = 1_000_000;
+  const signals: string[] = [];
+  const logs: string[] = [];
+  const state = { witness: o.witness ?? 'up', pulse: null as AgentPulse | null, alive: true };
+  const control: FencerControl = { witness: { url: 'http://w', tokenFile: '/t', leaseMs: 1000, node: 'hostA' }, heartbeatIntervalMs: 100, vms: { vm: { epoch: 3, qemuPid: 4242 } } };
+  const f = new Fencer({
+    mono: () => now,
+    readControl: () => control,
+    readPulse: () => state.pulse,
+    readToken: () => 'tok',
+    renew: async (): Promise<RenewAnswer> => {
+      if (state.witness === 'down') throw new Error('connect timeout');
+      if (state.witness === 'lost') return { granted: false, holder: 'hostB', epoch: 4, reason: 'stale epoch' };
+      return { granted: true, holder: 'hostA', epoch: 3 };
+    },
+    alive: () => state.alive,
+    signal: (pid, sig) => signals.push(`${sig} ${pid}`),
+    log: (_l, msg) => logs.push(msg),
+  });
+  /** Run for ms of fake time in 50 ms steps, letting renewals settle. */
+  const run = async (ms: number) => {
+    for (let t = 0; t < ms; t += 50) { f.step(); await new Promise((r) => setImmediate(r)); now += 50; }
+  };
+  const pulse = (peerHeardMsAgo: number | null) => { state.pulse = { at: now, peerHeardAt: peerHeardMsAgo === null ? null : now - peerHeardMsAgo, leaseValidUntil: {}, fenced: [] }; };
+  return { f, run, signals, logs, state, pulse, control, now: () => now };
+}
+
+test('a primary whose lease is renewed is never touched, agent or no agent (an agent restart)', async (t) => {
+  const r = rig();
+  await r.run(5000); // no pulse at all: the agent is down
+  t.deepEqual(r.signals, []);
+  t.true(r.f.view().vm!.validForMs! > 0);
+});
+
+test('agent hung and host cut off: the QEMU is frozen once the lease can no longer be proven (issue 11 path 8)', async (t) => {
+  const r = rig();
+  await r.run(1000);
+  r.pulse(30); // the agent's last word, then it hangs
+  r.state.witness = 'down';
+  await r.run(400);
+  t.deepEqual(r.signals, [], 'still within the lease');
+  await r.run(1000);
+  t.deepEqual(r.signals, ['SIGSTOP 4242'], 'frozen once, before the witness could grant it away');
+  t.true(r.f.view().vm!.frozen);
+  t.regex(r.logs.join('\n'), /FROZE the primary QEMU/);
+  // the witness is back and renews: the VM is still ours
+  r.state.witness = 'up';
+  await r.run(300);
+  t.deepEqual(r.signals, ['SIGSTOP 4242', 'SIGCONT 4242']);
+});
+
+test('the witness down while the agent hears the peer changes nothing (the peer will not take over)', async (t) => {
+  const r = rig({ witness: 'down' });
+  for (let i = 0; i < 60; i++) { r.pulse(40); await r.run(50); }
+  t.deepEqual(r.signals, []);
+});
+
+test('the agent stops vouching: frozen two heartbeat intervals later', async (t) => {
+  const r = rig({ witness: 'down' });
+  r.pulse(40);
+  await r.run(150);
+  t.deepEqual(r.signals, []);
+  await r.run(200);
+  t.deepEqual(r.signals, ['SIGSTOP 4242']);
+});
+
+test('a lease granted to the other node freezes at once and stays frozen', async (t) => {
+  const r = rig({ witness: 'lost' });
+  r.pulse(10);
+  await r.run(200);
+  t.deepEqual(r.signals, ['SIGSTOP 4242']);
+  await r.run(2000);
+  t.deepEqual(r.signals, ['SIGSTOP 4242'], 'never thawed');
+  t.regex(r.f.view().vm!.lost!, /hostB holds epoch 4/);
+});
+
+test('the agent\'s own valid lease counts: a fencer started while the witness is unreachable does not freeze a lease the agent proved', async (t) => {
+  const r = rig({ witness: 'down' });
+  r.state.pulse = { at: r.now(), peerHeardAt: null, leaseValidUntil: { vm: r.now() + 500 }, fenced: [] };
+  await r.run(400);
+  t.deepEqual(r.signals, []);
+  await r.run(300);
+  t.deepEqual(r.signals, ['SIGSTOP 4242']);
+});
+
+test('a QEMU that is gone is neither renewed nor signalled; a VM no longer kept is released if frozen', async (t) => {
+  const r = rig({ witness: 'down' });
+  await r.run(1500);
+  t.deepEqual(r.signals, ['SIGSTOP 4242']);
+  delete r.control.vms.vm;
+  await r.run(100);
+  t.deepEqual(r.signals, ['SIGSTOP 4242', 'SIGCONT 4242']);
+  r.control.vms.vm = { epoch: 5, qemuPid: 777 };
+  r.state.alive = false;
+  await r.run(2000);
+  t.deepEqual(r.signals, ['SIGSTOP 4242', 'SIGCONT 4242']);
+});
+
+test('a live agent fences by itself: the fencer stays out of its way, and steps in only if the agent fails to', async (t) => {
+  const r = rig();
+  await r.run(1000);
+  r.state.witness = 'down';
+  // the agent is alive (fresh pulse) but hears no peer, and reports the VM fenced
+  const live = (fenced: string[]) => { r.state.pulse = { at: r.now(), peerHeardAt: null, leaseValidUntil: {}, fenced }; };
+  for (let i = 0; i < 60; i++) { live(['vm']); await r.run(50); }
+  t.deepEqual(r.signals, [], 'the agent fenced it: no SIGSTOP under its QMP commands');
+  // alive but not fencing (its QMP stuck): frozen within half the margin after the validity
+  const r2 = rig();
+  await r2.run(1000);
+  r2.state.witness = 'down';
+  let frozenAfterMs = 0;
+  for (let i = 0; i < 60 && r2.signals.length === 0; i++) { r2.state.pulse = { at: r2.now(), peerHeardAt: null, leaseValidUntil: {}, fenced: [] }; await r2.run(50); frozenAfterMs += 50; }
+  t.deepEqual(r2.signals, ['SIGSTOP 4242']);
+  t.true(frozenAfterMs < 1000 + 150, `frozen ${frozenAfterMs} ms after the witness went away: before lease (1000) + nothing`);
+});
