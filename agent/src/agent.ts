@@ -1,6 +1,6 @@
 // The agent: wires configuration, QEMU probe, durable state, heartbeats, the promotion gate,
 // one controller per VM and the HTTP API. All I/O comes in through `AgentDeps`.
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { createServer as createHttpServer, type Server } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { Config } from './config/schema.ts';
@@ -25,7 +25,7 @@ import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { OperationRegistry } from './ops/operations.ts';
 import type { AgentPulse, FencerControl } from './fence/fencer.ts';
-import { hrMono, writeControl, writePulse } from './fence/files.ts';
+import { fencerPaths, hrMono, writeControl, writePulse } from './fence/files.ts';
 import { ensureFencer } from './fence/process.ts';
 
 export interface AgentDeps {
@@ -130,6 +130,10 @@ export class Agent {
       // primary whose lease lapses while no agent vouches for the peer (fence/fencer.ts).
       this.fencer = { pid: 0, lastControl: '' };
       this.publishToFencer(); // starts it (and restarts it should it die)
+    } else {
+      // No witness (any more): a fencer left from a witness configuration must not keep renewing
+      // against it, nor freeze a guest when that fails.
+      rmSync(fencerPaths(c.state_dir).control, { force: true });
     }
     this.loop = setInterval(() => this.kick(), c.heartbeat.interval_ms);
     this.log.info('agent started', { node: c.node.name, peer: c.peer.name, vms: c.vms.length, version: VERSION, commit: COMMIT, api: c.api.listen });

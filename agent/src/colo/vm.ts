@@ -128,6 +128,8 @@ export class VmController {
   private busy = false;
   private ticking = false;
   private takeoverRequested: string | null = null;
+  /** Secondary: a takeover is asking the witness for the lease. */
+  private takingOver = false;
   /** Primary: id of the current (or last) protection attempt, sent in heartbeats. */
   private protection: string | null = null;
   /** Secondary: the primary's protection attempt this replica belongs to, and since when (mono ms). */
@@ -232,14 +234,14 @@ export class VmController {
   }
 
   /** What the lease fencer must keep for this VM: a primary's epoch and its QEMU (fence/fencer.ts). */
-  fencerEntry(): { epoch: number; qemuPid: number } | null {
+  fencerEntry(): { epoch: number; qemuPid: number; qemuStartTicks: number } | null {
     const kept = this.state === 'standalone' || this.state === 'syncing' || this.state === 'protected' || this.state === 'dropping' || this.state === 'fenced';
     if (!kept || !this.qemu?.alive()) return null;
-    return { epoch: this.durable().primaryEpoch, qemuPid: this.qemu.pid };
+    return { epoch: this.durable().primaryEpoch, qemuPid: this.qemu.pid, qemuStartTicks: this.qemu.record.startTicks };
   }
 
   /** The agent has fenced this VM (or is fencing it) itself. */
-  fencedByAgent(): boolean { return this.fencing || this.state === 'fenced' || !!this.durable().fenced; }
+  fencedByAgent(): boolean { return (this.state === 'fenced' || !!this.durable().fenced) && this.runState === 'paused'; }
 
   isProtected(): boolean { return this.state === 'protected' || this.state === 'secondary'; }
 
@@ -442,6 +444,8 @@ export class VmController {
       }
     } else {
       const colo = await q.execute<{ mode: string }>('query-colo-status');
+      // A state file from an agent before replicaEpoch: the replica copies the epoch known then.
+      if (this.durable().replicaEpoch === undefined) this.persist({ replicaEpoch: this.durable().epoch });
       if (colo.mode === 'secondary') this.setState('secondary', 're-attached: COLO secondary');
       else if (st.status === 'inmigrate') this.setState('preparing', 're-attached: secondary waiting for the primary');
       else if (st.running) {
@@ -701,8 +705,15 @@ export class VmController {
     try {
       await q.execute('query-status', undefined, { timeoutMs: OWN_QEMU_ANSWER_MS });
       return null;
+    } catch { /* asked again below */ }
+    // A stuck secondary can hold our main loop too (a write to it that never completes): end the
+    // replication connections (COLO is over anyway after such a stall) and ask once more.
+    await destroyConnections(this.d.exec, replicationSocketFilter(this.d.config.peer.replication_address, vmPorts(this.d.vm.base_port))).catch(() => undefined);
+    try {
+      await q.execute('query-status', undefined, { timeoutMs: OWN_QEMU_ANSWER_MS });
+      return null;
     } catch (e) {
-      return `QMP query-status unanswered: ${errorMessage(e)}`;
+      return `QMP query-status unanswered, also after closing the replication connections: ${errorMessage(e)}`;
     }
   }
 
@@ -837,13 +848,8 @@ export class VmController {
       // epoch, and it would resume from its stale copy: everything acknowledged since now lost
       // (issue 11 path 1, measured: 691 acknowledged increments gone). The witness refuses a
       // takeover at an epoch someone else already holds, so that copy can never be promoted.
-      const dur = this.durable();
-      const next = Math.max(dur.epoch, dur.primaryEpoch) + 1;
-      const g = await this.d.gate.acquire(this.name, next, `${why} (replica not released: move past its epoch)`);
-      if (!g.granted) { await this.fence(`${why}; the secondary did not confirm the release and ${g.reason}`); return; }
-      this.d.store.update(this.name, { epoch: next, primaryEpoch: next });
-      this.d.gate.keep(this.name, next);
-      this.log.info('moved to a new epoch: the unreleased replica can no longer be promoted', { epoch: next, was: dur.primaryEpoch });
+      const refused = await this.moveToNewEpoch(why);
+      if (refused) { await this.fence(`${why}; the secondary did not confirm the release and ${refused}`); return; }
     }
     if (this.durable().fenced) {
       // The fence watchdog got here first (peer silent, lease expired): stay in COLO, paused.
@@ -874,6 +880,32 @@ export class VmController {
     this.setState('standalone', `running unprotected: ${why}`);
   }
 
+  /**
+   * Witness mode, leaving COLO without the secondary's confirmed release: take a new epoch first.
+   * The replica left behind holds a copy of this moment and keeps asking the witness for (our
+   * epoch + 1) while it cannot hear us; the witness never grants an epoch another node holds, so
+   * that copy can never be promoted, whatever later happens to our lease (issue 11 path 1,
+   * measured before: 691 acknowledged increments lost). Returns why not, or null when done.
+   */
+  private async moveToNewEpoch(why: string): Promise<string | null> {
+    const dur = this.durable();
+    const next = Math.max(dur.epoch, dur.primaryEpoch) + 1;
+    const g = await this.d.gate.acquire(this.name, next, `${why} (replica not released: move past its epoch)`);
+    if (!g.granted) return g.reason;
+    // keep() first: renewals of the old epoch are refused from now on and must not count as 'lost'.
+    this.d.gate.keep(this.name, next);
+    this.persist({ epoch: next, primaryEpoch: next });
+    this.log.info('moved to a new epoch: the replica left behind can no longer be promoted', { epoch: next, was: dur.primaryEpoch });
+    return null;
+  }
+
+  /** A state write that must not stop the action: kept in memory, written later (store.unsaved). */
+  private persist(patch: Parameters<StateStore['update']>[1]): void {
+    try { this.d.store.update(this.name, patch); } catch (e) {
+      this.log.error('could not write the node state; kept in memory and retried', { file: this.d.store.file, error: errorMessage(e) });
+    }
+  }
+
   private async takeover(why: string, opts: { fromDisk?: boolean } = {}): Promise<void> {
     const q = this.qemu?.qmp;
     if (!q) return;
@@ -888,8 +920,11 @@ export class VmController {
     const dur = this.durable();
     const epoch = (dur.replicaEpoch ?? dur.epoch) + 1;
     // Ask the gate BEFORE changing anything: a refusal (the old primary's lease is still valid)
-    // is retried on the next control step.
-    const g = await this.d.gate.acquire(this.name, epoch, why);
+    // is retried on the next control step. From here a release must be refused: this node may be
+    // granted the lease any moment.
+    this.takingOver = true;
+    let g;
+    try { g = await this.d.gate.acquire(this.name, epoch, why); } finally { this.takingOver = false; }
     if (!g.granted) {
       if (this.lastRefusal !== g.reason) this.log.warn('takeover not allowed (yet)', { why, refused: g.reason });
       this.lastRefusal = g.reason;
@@ -899,7 +934,7 @@ export class VmController {
     this.lastRefusal = null;
     this.takeoverRequested = null;
     this.setState('taking-over', why);
-    this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
+    this.persist({ epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
     if (opts.fromDisk) {
       await this.restartFromDisk(why, t0, lastHeard);
       return;
@@ -1005,12 +1040,18 @@ export class VmController {
   private async liftFence(q: seq.QmpLike, why: string): Promise<void> {
     const mig = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'unknown' }));
     if (mig.status === 'colo') {
+      // Leaving COLO abandons a replica that never confirmed letting go (it may still be cut off
+      // from us, asking the witness): move past its epoch first, or stay fenced.
+      if (this.d.gate.mode === 'witness') {
+        const refused = await this.moveToNewEpoch(`unfencing: ${why}`);
+        if (refused) { this.log.warn('staying fenced: could not move to a new epoch before leaving COLO', { refused }); return; }
+      }
       await seq.primaryDropSecondary(q, { inColo: true }).catch((e) => this.log.error('leaving COLO while unfencing failed', { error: errorMessage(e) }));
     }
     const st = await q.execute<{ running: boolean }>('query-status');
     if (!st.running) await q.execute('cont');
     await q.execute('set_link', { name: 'hn0', up: true });
-    this.d.store.update(this.name, { fenced: false });
+    this.persist({ fenced: false });
     this.log.warn('fence lifted: guest resumed', { why });
     this.nextProtectAt = 0;
     this.setState('standalone', `resumed: ${why}`);
@@ -1069,6 +1110,7 @@ export class VmController {
   async release(reason: string, epoch?: number): Promise<void> {
     this.checkSenderEpoch(epoch, 'release');
     if (isPrimaryState(this.state)) throw new VmBusyError(this.name, `this node runs the VM as ${this.state}: it holds no replica to release`);
+    if (this.takingOver) throw new VmBusyError(this.name, 'this node is asking the witness for the lease to take over: it cannot promise not to');
     if (roleOf(this.state) === 'secondary') await this.killQemu(`released by the primary: ${reason}`);
   }
 

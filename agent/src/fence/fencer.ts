@@ -23,7 +23,7 @@ export interface FencerControl {
   witness: FencerWitness | null;
   heartbeatIntervalMs: number;
   /** Primaries whose lease this host keeps: epoch and the QEMU to freeze. */
-  vms: Record<string, { epoch: number; qemuPid: number }>;
+  vms: Record<string, { epoch: number; qemuPid: number; qemuStartTicks: number }>;
 }
 
 /** Written by the agent every control step (cheap: no fsync). Times are CLOCK_MONOTONIC ms. */
@@ -45,7 +45,10 @@ export interface FencerDeps {
   readPulse(): AgentPulse | null;
   readToken(file: string): string;
   renew(w: FencerWitness, token: string, vm: string, epoch: number): Promise<RenewAnswer>; // throws when unreachable
-  alive(pid: number): boolean;
+  /** The very process (pid + kernel start time: a reused pid is not it) still exists. */
+  alive(pid: number, startTicks: number): boolean;
+  /** Stopped by a signal (/proc state T): a fencer that restarted finds what it had frozen. */
+  isStopped(pid: number): boolean;
   signal(pid: number, sig: 'SIGSTOP' | 'SIGCONT'): void;
   log(level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>): void;
 }
@@ -53,6 +56,7 @@ export interface FencerDeps {
 interface Kept {
   epoch: number;
   pid: number;
+  startTicks: number;
   validUntil: number | null;  // mono ms; null: no renewal answered yet
   lost: string | null;        // another node holds a newer epoch
   frozen: boolean;            // we sent SIGSTOP
@@ -76,22 +80,26 @@ export class Fencer {
     const want = c?.witness ? c.vms : {};
     for (const [vm, k] of this.kept) {
       const w = want[vm];
-      if (!w || w.qemuPid !== k.pid) {
-        // No longer kept (demoted, stopped, replaced): never leave a QEMU frozen behind us.
-        if (k.frozen && this.d.alive(k.pid)) { this.d.signal(k.pid, 'SIGCONT'); this.d.log('info', 'released a QEMU it had frozen: the agent no longer keeps its lease', { vm, pid: k.pid }); }
-        this.kept.delete(vm);
-      }
+      if (w && w.qemuPid === k.pid) continue;
+      // No longer kept (demoted, stopped, replaced, or an agent that could not re-attach to it).
+      // A QEMU we froze stays frozen: only a granted renewal proves it may run again (below),
+      // never the agent merely dropping it (it may not be able to talk to a stopped process).
+      if (k.frozen && this.d.alive(k.pid, k.startTicks) && c?.witness) continue;
+      this.kept.delete(vm);
     }
     if (!c?.witness) return;
     const now = this.d.mono();
     for (const [vm, w] of Object.entries(want)) {
       let k = this.kept.get(vm);
-      if (!k) {
-        k = { epoch: w.epoch, pid: w.qemuPid, validUntil: null, lost: null, frozen: false, renewing: false, lastRenewAt: -Infinity };
+      if (!k || k.pid !== w.qemuPid) {
+        k = { epoch: w.epoch, pid: w.qemuPid, startTicks: w.qemuStartTicks, validUntil: null, lost: null, frozen: this.d.isStopped(w.qemuPid), renewing: false, lastRenewAt: -Infinity };
+        if (k.frozen) this.d.log('warn', 'found the primary QEMU stopped (frozen by an earlier fencer?): it stays so until the witness renews its lease', { vm, pid: k.pid });
         this.kept.set(vm, k);
       }
       if (k.epoch !== w.epoch) { k.epoch = w.epoch; k.lost = null; k.lastRenewAt = -Infinity; }
-      if (!this.d.alive(k.pid)) continue; // QEMU gone: nothing to renew or freeze
+    }
+    for (const [vm, k] of this.kept) {
+      if (!this.d.alive(k.pid, k.startTicks)) continue; // QEMU gone: nothing to renew or freeze
       if (!k.renewing && now - k.lastRenewAt >= renewEveryMs(c.witness.leaseMs)) void this.renew(vm, k, c.witness);
       this.enforce(vm, k, now, c);
     }
@@ -100,7 +108,10 @@ export class Fencer {
   private enforce(vm: string, k: Kept, now: number, c: FencerControl): void {
     if (k.frozen) return;
     const pulse = this.d.readPulse();
-    const peerVouched = pulse?.peerHeardAt != null && now - pulse.peerHeardAt <= 2 * c.heartbeatIntervalMs;
+    // The agent's word, if recent: it heard the peer within about two intervals of writing it (a
+    // heartbeat proves the peer alive as of OUR ping's send time, up to an interval before).
+    const pulseFresh = pulse !== null && now - pulse.at <= 3 * c.heartbeatIntervalMs;
+    const peerVouched = pulseFresh && pulse.peerHeardAt !== null && pulse.at - pulse.peerHeardAt <= 3 * c.heartbeatIntervalMs;
     // Valid as long as either renewer (this process or the agent) proved it.
     const agentValid = pulse?.leaseValidUntil[vm] ?? null;
     const valid = k.validUntil === null ? agentValid : agentValid === null ? k.validUntil : Math.max(k.validUntil, agentValid);
@@ -113,9 +124,8 @@ export class Fencer {
     // only make its QMP commands hang. The fencer is the backstop for an agent that is dead or
     // hung, or alive but failing to fence: it waits for the agent up to half the margin the
     // witness leaves (validity ends that long before anyone can be granted the lease).
-    const agentAlive = pulse !== null && now - pulse.at <= 2 * c.heartbeatIntervalMs;
-    if (agentAlive && pulse.fenced.includes(vm)) return;
-    if (agentAlive && !k.lost && valid !== null && now <= valid + marginMs(c.witness!.leaseMs) / 2) return;
+    if (pulseFresh && pulse.fenced.includes(vm)) return;
+    if (pulseFresh && !k.lost && valid !== null && now <= valid + marginMs(c.witness!.leaseMs) / 2) return;
     this.d.signal(k.pid, 'SIGSTOP');
     k.frozen = true;
     const agentAge = pulse ? Math.round(now - pulse.at) : null;
@@ -133,7 +143,7 @@ export class Fencer {
       if (a.granted) {
         k.validUntil = sentAt + w.leaseMs - marginMs(w.leaseMs);
         k.lost = null;
-        if (k.frozen && this.d.alive(k.pid)) {
+        if (k.frozen && this.d.alive(k.pid, k.startTicks)) {
           this.d.signal(k.pid, 'SIGCONT');
           k.frozen = false;
           this.d.log('warn', 'thawed the primary QEMU (SIGCONT): the witness renewed its lease', { vm, pid: k.pid, epoch });
