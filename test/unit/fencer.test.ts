@@ -89,19 +89,29 @@ test('the agent\'s own valid lease counts: a fencer started while the witness is
   t.deepEqual(r.signals, ['SIGSTOP 4242']);
 });
 
-test('a frozen QEMU the agent no longer lists stays frozen until a renewal proves the VM is still ours (review: an agent that cannot re-attach to a stopped QEMU drops it)', async (t) => {
+test('a frozen QEMU the agent no longer lists is left frozen and forgotten: never thawed unmanaged (review: a thawed guest nobody renews serves next to the peer)', async (t) => {
   const r = rig({ witness: 'down' });
   await r.run(1500);
   t.deepEqual(r.signals, ['SIGSTOP 4242']);
-  delete r.control.vms.vm; // the restarted agent could not re-attach: it lists nothing
+  delete r.control.vms.vm; // a restarted agent found it frozen: it lists nothing until it has the lease
+  r.state.witness = 'up';
   await r.run(2000);
-  t.deepEqual(r.signals, ['SIGSTOP 4242'], 'not thawed for being dropped');
-  r.state.witness = 'lost'; // meanwhile the peer was granted the lease
-  await r.run(500);
-  t.deepEqual(r.signals, ['SIGSTOP 4242'], 'never thawed: another node holds a newer epoch');
-  r.state.alive = false; // the agent demotes it: gone
-  await r.run(200);
+  t.deepEqual(r.signals, ['SIGSTOP 4242'], 'not thawed by the fencer: the agent thaws what it manages');
   t.deepEqual(r.f.view(), {});
+});
+
+test('a refusal naming this node at a newer epoch (the agent moved on, then died before telling) is adopted', async (t) => {
+  const r = rig();
+  let calls = 0;
+  (r.f as unknown as { d: { renew: () => Promise<unknown> } }).d.renew = async () => {
+    calls++;
+    const asked = r.f.view().vm!.epoch;
+    return asked < 4 ? { granted: false, holder: 'hostA', epoch: 4, reason: 'stale epoch 3: hostA holds epoch 4' } : { granted: true, holder: 'hostA', epoch: 4 };
+  };
+  await r.run(2000);
+  t.true(calls > 1);
+  t.is(r.f.view().vm!.epoch, 4);
+  t.deepEqual(r.signals, [], 'renewed at the newer epoch: never frozen');
 });
 
 test('a QEMU that is gone, or a reused pid, is neither renewed nor signalled', async (t) => {

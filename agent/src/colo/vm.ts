@@ -11,11 +11,11 @@ import type { PeerClient } from '../peer/client.ts';
 import type { Reachability } from '../peer/reachability.ts';
 import { buildQemuArgv, type LaunchRole, type QemuFeatures } from '../qemu/argv.ts';
 import { vmPaths, type VmPaths } from '../qemu/paths.ts';
-import { forgetProcess, launchQemu, reattachQemu, type ExitInfo, type QemuHandle } from '../qemu/process.ts';
+import { forgetProcess, isSameProcessAlive, launchQemu, procStateLetter, reattachQemu, type ExitInfo, type ProcessRecord, type QemuHandle } from '../qemu/process.ts';
 import { createQcow2, ensureImageSize } from '../qemu/images.ts';
 import { pinBridgeMac, plugTap, tapPacketsFromGuest } from '../qemu/tap.ts';
 import { eventTimeMs, type QmpEvent } from '../qmp/client.ts';
-import { writeFileAtomic } from '../state/atomic.ts';
+import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
 import type { StateStore } from '../state/store.ts';
 import type { Clock } from '../util/clock.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
@@ -396,13 +396,40 @@ export class VmController {
 
   private recordProcessRole(role: LaunchRole): void {
     if (!this.qemu) return;
-    writeFileAtomic(this.paths.processRecord, JSON.stringify({ ...this.qemu.record, role }));
+    try {
+      writeFileAtomic(this.paths.processRecord, JSON.stringify({ ...this.qemu.record, role }));
+    } catch (e) {
+      // Never abort a takeover for it: only a re-attach after an agent restart reads the role.
+      this.log.error('could not update the QEMU process record', { file: this.paths.processRecord, error: errorMessage(e) });
+    }
   }
 
   // ------------------------------------------------------------------ start / re-attach
 
   /** Finds a QEMU a previous agent left running and carries on with it, without touching the guest. */
   async init(): Promise<void> {
+    // Frozen by the lease fencer while no agent ran (fence/fencer.ts): it cannot answer QMP. Thaw
+    // it only with the lease renewed (the witness serializes that with any takeover), discard it
+    // if another node holds a newer epoch, else wait.
+    const rec = readJsonFile<ProcessRecord>(this.paths.processRecord);
+    if (rec && isSameProcessAlive(rec) && procStateLetter(rec.pid) === 'T') {
+      const verdict = await this.thawVerdict();
+      if (verdict === 'wait') {
+        this.setState('stopped', 'QEMU frozen by the lease fencer; waiting for the witness to renew the lease');
+        this.busy = true; // never start a second QEMU next to it
+        setTimeout(() => { this.busy = false; void this.init(); }, 1000).unref();
+        return;
+      }
+      if (verdict === 'discard') {
+        this.log.error('QEMU frozen by the lease fencer and the lease went to the other node: discarding this copy', { pid: rec.pid });
+        try { process.kill(rec.pid, 'SIGKILL'); } catch { /* gone */ }
+        forgetProcess(this.paths);
+        this.setState('stopped', 'frozen stale copy discarded: the other node holds a newer epoch');
+        return;
+      }
+      this.log.warn('QEMU frozen by the lease fencer; the witness renewed its lease: thawing it', { pid: rec.pid });
+      try { process.kill(rec.pid, 'SIGCONT'); } catch { /* gone */ }
+    }
     let h: QemuHandle | null = null;
     try {
       h = await reattachQemu(this.paths, this.log);
@@ -683,7 +710,7 @@ export class VmController {
     }
     this.lastRefusal = null;
     this.setState('starting', why);
-    this.d.store.update(this.name, { epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
+    this.persist({ epoch: g.epoch, primaryEpoch: g.epoch, role: 'primary', fenced: false });
     // With the peer up, boot paused: the replica is built before the first instruction runs.
     const peerUp = this.d.peerView().alive;
     try {
@@ -959,6 +986,15 @@ export class VmController {
     this.setState('standalone', `took over at epoch ${g.epoch}: ${why}`);
   }
 
+  /** For a QEMU found frozen at start: may it run (lease renewed), must it go (lost), or wait? */
+  private async thawVerdict(): Promise<'thaw' | 'discard' | 'wait'> {
+    if (this.d.gate.mode !== 'witness') return 'thaw';
+    const epoch = this.durable().primaryEpoch;
+    const g = await this.d.gate.acquire(this.name, epoch, 're-attaching a QEMU the lease fencer froze');
+    if (g.granted) return 'thaw';
+    return this.d.gate.lease(this.name).state === 'lost' ? 'discard' : 'wait';
+  }
+
   /**
    * The degraded failover: the replica must not run (known corrupt, or its takeover failed
    * halfway), but this node holds the lease and the replicated disk — the secondary's base image
@@ -1039,6 +1075,11 @@ export class VmController {
 
   private async liftFence(q: seq.QmpLike, why: string): Promise<void> {
     const mig = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'unknown' }));
+    if (mig.status === 'unknown' && this.d.gate.mode === 'witness') {
+      // Maybe still in COLO (QEMU leaves it by itself later): move past the replica's epoch anyway.
+      const refused = await this.moveToNewEpoch(`unfencing: ${why}`);
+      if (refused) { this.log.warn('staying fenced: could not move to a new epoch', { refused }); return; }
+    }
     if (mig.status === 'colo') {
       // Leaving COLO abandons a replica that never confirmed letting go (it may still be cut off
       // from us, asking the witness): move past its epoch first, or stay fenced.

@@ -81,10 +81,10 @@ export class Fencer {
     for (const [vm, k] of this.kept) {
       const w = want[vm];
       if (w && w.qemuPid === k.pid) continue;
-      // No longer kept (demoted, stopped, replaced, or an agent that could not re-attach to it).
-      // A QEMU we froze stays frozen: only a granted renewal proves it may run again (below),
-      // never the agent merely dropping it (it may not be able to talk to a stopped process).
-      if (k.frozen && this.d.alive(k.pid, k.startTicks) && c?.witness) continue;
+      // No longer kept (demoted, stopped, replaced, or a restarted agent that found it frozen):
+      // forgotten. A QEMU we froze stays frozen; thawing it is for an agent that manages it
+      // (it does so once its own renewal succeeds): a thawed guest nobody manages would serve
+      // unrenewed next to a peer that takes over.
       this.kept.delete(vm);
     }
     if (!c?.witness) return;
@@ -96,7 +96,8 @@ export class Fencer {
         if (k.frozen) this.d.log('warn', 'found the primary QEMU stopped (frozen by an earlier fencer?): it stays so until the witness renews its lease', { vm, pid: k.pid });
         this.kept.set(vm, k);
       }
-      if (k.epoch !== w.epoch) { k.epoch = w.epoch; k.lost = null; k.lastRenewAt = -Infinity; }
+      // Epochs only grow: one adopted from the witness (below) is not undone by an older control.
+      if (w.epoch > k.epoch) { k.epoch = w.epoch; k.lost = null; k.lastRenewAt = -Infinity; }
     }
     for (const [vm, k] of this.kept) {
       if (!this.d.alive(k.pid, k.startTicks)) continue; // QEMU gone: nothing to renew or freeze
@@ -150,8 +151,11 @@ export class Fencer {
         }
       } else if (a.holder !== w.node && a.epoch >= epoch) {
         k.lost = `${a.holder} holds epoch ${a.epoch}`;
+      } else if (a.holder === w.node && a.epoch > epoch) {
+        // The agent moved this node to a newer epoch (and may have died before telling us): keep that.
+        k.epoch = a.epoch;
+        k.lastRenewAt = -Infinity;
       }
-      // Refused in favour of a newer epoch of our own: the agent moved on (a new control follows).
     } catch {
       // Unreachable: validity simply runs out.
     } finally {

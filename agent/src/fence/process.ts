@@ -8,7 +8,7 @@ import type { Logger } from '../log/logger.ts';
 import { errorMessage } from '../util/errors.ts';
 import { Fencer, renewEveryMs, type FencerWitness, type RenewAnswer } from './fencer.ts';
 import { fencerPaths, hrMono, readControl, readPulse } from './files.ts';
-import { procStartTicks } from '../qemu/process.ts';
+import { procStartTicks, procStateLetter } from '../qemu/process.ts';
 
 const STEP_MS = 50;
 
@@ -16,9 +16,7 @@ function alive(pid: number): boolean {
   try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
 }
 
-function isStopped(pid: number): boolean {
-  try { return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').charAt(0) === 'T'; } catch { return false; }
-}
+
 
 function isFencer(pid: number): boolean {
   try { return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('fencer'); } catch { return false; }
@@ -46,7 +44,7 @@ export async function runFencer(stateDir: string, log: Logger): Promise<void> {
     readToken: (file) => readFileSync(file, 'utf8').trim(),
     renew,
     alive: (pid, startTicks) => procStartTicks(pid) === startTicks,
-    isStopped,
+    isStopped: (pid) => procStateLetter(pid) === 'T',
     signal: (pid, sig) => { try { process.kill(pid, sig); } catch (e) { log.error(`${sig} failed`, { pid, error: errorMessage(e) }); } },
     log: (level, msg, fields) => log[level](msg, fields),
   });

@@ -39,6 +39,11 @@ export function procStartTicks(pid: number): number | null {
   }
 }
 
+/** The process's /proc state letter ('T': stopped by a signal), or null when it is gone. */
+export function procStateLetter(pid: number): string | null {
+  try { return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').charAt(0); } catch { return null; }
+}
+
 export function isSameProcessAlive(rec: Pick<ProcessRecord, 'pid' | 'startTicks'>): boolean {
   return procStartTicks(rec.pid) === rec.startTicks;
 }
