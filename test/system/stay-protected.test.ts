@@ -106,6 +106,7 @@ test('planned switchover: the primary role moves and protection returns, with no
     t.is(rep.kind, 'switchover');
     t.is(rep.verdict, 'pass', rep.reasons.join('; '));
     t.is(rep.newPrimary, 'hostB');
+    t.true(rep.progress.some((x) => /handover: guest tap down and a checkpoint taken/.test(x.msg)), 'the replica was made this guest exactly before the crash');
     const killed = rep.progress.find((x) => /killing the primary QEMU/.test(x.msg))!.at;
     // a request in flight at the switchover is retransmitted by the client's TCP (backoff)
     await waitUntil(() => client.txns.filter((x) => x.ackAt > killed).length >= 10 || undefined, 60_000, 'transactions after the switchover').catch(async (e) => {

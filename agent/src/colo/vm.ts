@@ -1178,6 +1178,32 @@ export class VmController {
     return null;
   }
 
+  /**
+   * Planned switchover, before the crash: make the replica this guest exactly. colo-compare
+   * releases a primary's pure ACK without checking that the replica received the data (README
+   * Limits; seen twice in full-suite switchovers: the client's request ACKed, the replica never
+   * got it, the takeover 0.2-0.3 s later left the connection waiting forever). So: take the
+   * guest's tap down on this host (nothing more enters, nothing more reaches a client; TCP
+   * retransmits to the new primary), force a checkpoint (setting x-checkpoint-delay wakes the
+   * COLO thread at once) and wait for it. Returns what it did, for the report.
+   */
+  async quiesceForHandover(timeoutMs = 5000): Promise<string> {
+    const q = this.qemu?.qmp;
+    if (this.state !== 'protected' || !q) return `not quiesced (state ${this.state})`;
+    const tap = tapName(this.d.vm);
+    const t0 = this.d.clock.now();
+    try {
+      await this.d.exec('ip', ['link', 'set', 'dev', tap, 'down']);
+    } catch (e) {
+      return `not quiesced: could not take ${tap} down (${errorMessage(e)})`;
+    }
+    const c0 = this.ckpt.count;
+    await q.execute('migrate-set-parameters', { 'x-checkpoint-delay': checkpointDelay(this.d.config, this.d.vm) }).catch(() => undefined);
+    while (this.ckpt.count === c0 && this.d.clock.now() - t0 < timeoutMs && this.state === 'protected') await new Promise((r) => setTimeout(r, 10));
+    const ms = Math.round(this.d.clock.now() - t0);
+    return this.ckpt.count > c0 ? `guest tap down and a checkpoint taken in ${ms} ms: the replica is this guest exactly` : `guest tap down, but no checkpoint within ${ms} ms`;
+  }
+
   /** Drill/switchover on the primary: kill this node's QEMU as a crash would. */
   async crashPrimary(why: string): Promise<number> {
     if (this.state !== 'protected') throw new VmBusyError(this.name, `not protected (state ${this.state})`);

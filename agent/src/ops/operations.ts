@@ -170,6 +170,7 @@ export class OperationRegistry {
         : `no checkpoint within ${ckWaitMs} ms of the probe connecting; failing the primary anyway`);
     }
     const oldEpoch = v.status().epoch;
+    if (r.kind === 'switchover') this.note(r, `handover: ${await v.quiesceForHandover()}`);
     this.note(r, `killing the primary QEMU of ${r.vm} on ${r.node} (SIGKILL, as a crash would)`, 'failing-over');
     const killedAt = this.d.now();
     r.failover.killedPid = await v.crashPrimary(`${r.kind} ${r.id}`);
