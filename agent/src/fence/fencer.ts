@@ -123,10 +123,13 @@ export class Fencer {
     if (!k.lost && peerVouched) return; // the agent hears the peer: it will not take over (mustFence)
     // A live agent fences by itself (QMP: network cut, vCPUs paused), and a SIGSTOP under it would
     // only make its QMP commands hang. The fencer is the backstop for an agent that is dead or
-    // hung, or alive but failing to fence: it waits for the agent up to half the margin the
+    // hung, or alive but failing to fence: it waits for the agent up to (nearly) the margin the
     // witness leaves (validity ends that long before anyone can be granted the lease).
     if (pulseFresh && pulse.fenced.includes(vm)) return;
-    if (pulseFresh && !k.lost && valid !== null && now <= valid + marginMs(c.witness!.leaseMs) / 2) return;
+    // Waiting up to the margin less two of our steps still freezes before the witness could grant
+    // the lease away (its expiry is never earlier than validity + margin); half the margin was too
+    // eager: CI saw a SIGSTOP 54 ms after the agent's own fence, before its next pulse said so.
+    if (pulseFresh && !k.lost && valid !== null && now <= valid + marginMs(c.witness!.leaseMs) - 100) return;
     this.d.signal(k.pid, 'SIGSTOP');
     k.frozen = true;
     const agentAge = pulse ? Math.round(now - pulse.at) : null;
