@@ -54,11 +54,6 @@ async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect
     // resumed by an old "peer is back" rule: two primaries). Only A's renewed lease counts.
     await sleep(1000);
     t.is((await p.vmStatus('A', 'vm'))!.state, 'fenced', 'A stays fenced while the witness is still out of reach');
-    // paused by the agent's fence, or frozen by the fencer (then QMP cannot answer: 'unknown')
-    const qemuA = p.qemuPid('A', 'vm')!;
-    // the last sample in which the observer reached A's QEMU (a poll can time out under load)
-    const last = [...watch.samples].reverse().find((x) => x.A !== 'unknown' && x.A !== 'absent')?.A ?? 'never reached';
-    t.true(last.startsWith('paused(paused)') || procState(qemuA) === 'T', `and its guest paused (${last}, process state ${procState(qemuA)})`);
     await p.tb.restoreWitness('A');
     await waitUntil(async () => { const s = (await p.vmStatus('A', 'vm'))!.state; return s !== 'fenced' ? s : undefined; }, 30_000, 'A resumes once the witness renews its lease');
   }
