@@ -8,6 +8,7 @@ import { waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
 import { PrimaryWatch } from '../helpers/primary-watch.ts';
 import { TxnClient } from '../helpers/traffic.ts';
 import { readFileSync } from 'node:fs';
+import { procStateLetter } from '../../agent/src/qemu/process.ts';
 import { join } from 'node:path';
 
 type Reach = 'both' | 'A' | 'B' | 'none';
@@ -198,11 +199,6 @@ test('partition with the witness reachable from both, then a lapse of the primar
   });
 });
 
-/** 'T' when the process is stopped by a signal (SIGSTOP), else its /proc state letter; null when gone. */
-function procState(pid: number): string | null {
-  try { return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').charAt(0); } catch { return null; }
-}
-
 // Issue 11 path 8 (measured on the old code: both QEMUs ran as primaries for 23-24 s, the old
 // one still emitting frames on the guest LAN): only the agent could pause the guest.
 test('the primary\'s agent hung (SIGSTOP) and its host cut off: the old guest is frozen before the survivor serves', async (t) => {
@@ -225,7 +221,7 @@ test('the primary\'s agent hung (SIGSTOP) and its host cut off: the old guest is
     await p.tb.cutWitness('A');
     let frozenAt: number | null = null;
     const b = await waitUntil(async () => {
-      if (frozenAt === null && procState(qemuA) === 'T') frozenAt = Date.now();
+      if (frozenAt === null && procStateLetter(qemuA) === 'T') frozenAt = Date.now();
       const s = await p.vmStatus('B', 'vm');
       return s?.state === 'standalone' ? s : undefined;
     }, 60_000, 'B takes over', 20);
@@ -233,7 +229,7 @@ test('the primary\'s agent hung (SIGSTOP) and its host cut off: the old guest is
     await sleep(3000);
     await watch.stop();
     t.is(b.epoch, 2);
-    t.is(procState(qemuA), 'T', "A's QEMU is frozen (SIGSTOP by the fencer)");
+    t.is(procStateLetter(qemuA), 'T', "A's QEMU is frozen (SIGSTOP by the fencer)");
     t.not(frozenAt, null, 'frozen while B was taking over');
     const bFirstPrimary = watch.samples.find((x) => x.at >= t0 && x.B === 'PRIMARY');
     t.truthy(bFirstPrimary);
