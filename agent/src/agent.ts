@@ -24,7 +24,7 @@ import { ReceivedBytes } from './colo/replica-health.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { OperationRegistry } from './ops/operations.ts';
-import type { AgentPulse, FencerControl } from './fence/fencer.ts';
+import { agentPulse, fencerControl } from './fence/publish.ts';
 import { fencerPaths, hrMono, writeControl, writePulse } from './fence/files.ts';
 import { ensureFencer } from './fence/process.ts';
 
@@ -165,20 +165,10 @@ export class Agent {
       // A fencer that died (or was killed to run a new binary) is started again within seconds.
       const mono = this.d.clock.mono();
       if (this.fencer.checkedAt === undefined || mono - this.fencer.checkedAt > 5000) { this.fencer.checkedAt = mono; this.fencer.pid = ensureFencer(c.state_dir, this.log.child('fence')); }
-      const vms: FencerControl['vms'] = {};
-      for (const [n, v] of this.controllers) { const e = v.fencerEntry(); if (e) vms[n] = e; }
-      const control: FencerControl = {
-        witness: { url: c.witness.url!, tokenFile: c.api.token_file, leaseMs: c.witness.lease_ms, node: c.node.name },
-        heartbeatIntervalMs: c.heartbeat.interval_ms, vms,
-      };
+      const control = fencerControl(c, this.controllers);
       const text = JSON.stringify(control);
       if (text !== this.fencer.lastControl) { writeControl(c.state_dir, control); this.fencer.lastControl = text; }
-      const now = hrMono();
-      const view = this.heartbeat.view();
-      const leaseValidUntil: AgentPulse['leaseValidUntil'] = {};
-      for (const n of Object.keys(vms)) { const l = this.gate.lease(n); leaseValidUntil[n] = l.state === 'held' && l.validForMs !== null ? now + l.validForMs : null; }
-      const fenced = [...this.controllers].filter(([, v]) => v.fencedByAgent()).map(([n]) => n);
-      writePulse(c.state_dir, { at: now, peerHeardAt: view.lastHeardMs === null ? null : now - view.lastHeardMs, leaseValidUntil, fenced });
+      writePulse(c.state_dir, agentPulse(control, this.controllers, this.heartbeat.view(), this.gate, hrMono()));
     } catch (e) {
       this.log.error('lease fencer: could not start it or update its files', { error: errorMessage(e) });
     }

@@ -11,11 +11,10 @@ import type { PeerClient } from '../peer/client.ts';
 import type { Reachability } from '../peer/reachability.ts';
 import { buildQemuArgv, type LaunchRole, type QemuFeatures } from '../qemu/argv.ts';
 import { vmPaths, type VmPaths } from '../qemu/paths.ts';
-import { forgetProcess, isSameProcessAlive, launchQemu, procStateLetter, reattachQemu, type ExitInfo, type ProcessRecord, type QemuHandle } from '../qemu/process.ts';
+import { systemQemuProcesses, type ExitInfo, type QemuProcess, type QemuProcesses } from '../qemu/process.ts';
 import { createQcow2, ensureImageSize } from '../qemu/images.ts';
 import { pinBridgeMac, plugTap, tapPacketsFromGuest } from '../qemu/tap.ts';
 import { eventTimeMs, type QmpEvent } from '../qmp/client.ts';
-import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
 import type { StateStore } from '../state/store.ts';
 import type { Clock } from '../util/clock.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
@@ -37,7 +36,7 @@ export interface VmControllerDeps {
   vm: VmConfig;
   store: StateStore;
   gate: PromotionGate;
-  peer: PeerClient;
+  peer: Pick<PeerClient, 'call'>;
   peerView: () => PeerView;
   heardPeerSinceStart: () => boolean;
   hostProbe: () => Promise<Reachability>;
@@ -49,7 +48,14 @@ export interface VmControllerDeps {
   log: Logger;
   metrics: Metrics;
   agentStartMono: number;
+  /** QEMU process lifecycle (default: real processes). The simulator passes its QEMU model. */
+  qemuProcesses?: QemuProcesses;
+  /** Reader of what a log file gained (default: LogTail on the file). */
+  logTail?: (path: string) => LogReader;
 }
+
+/** The part of LogTail the controller uses. */
+export interface LogReader { skipToEnd(): void; firstNewMatch(re: RegExp): string | null }
 
 export interface FailoverRecord {
   at: number;                     // epoch ms when it completed
@@ -120,7 +126,8 @@ export class VmController {
   private stateSince: number;
   private stateReason = 'agent started';
   private lastWhy = '';
-  private qemu: QemuHandle | undefined;
+  private qemu: QemuProcess | undefined;
+  private readonly procs: QemuProcesses;
   private runState = 'absent';
   private readonly ckpt: CheckpointTracker;
   private lastFailover: FailoverRecord | null = null;
@@ -141,8 +148,8 @@ export class VmController {
   private quickExits = 0;
   private sick: string | null = null;
   /** The secondary's console and QEMU log, read for signs of a diverged replica (replica-health.ts). */
-  private readonly consoleTail: LogTail;
-  private readonly qemuLogTail: LogTail;
+  private readonly consoleTail: LogReader;
+  private readonly qemuLogTail: LogReader;
   private deviceCheckAt = 0;
   private deviceCheckRunning = false;
   /** Devices QEMU reports broken on this node's QEMU (a primary's: the guest cannot serve through them). */
@@ -163,8 +170,10 @@ export class VmController {
     this.paths = vmPaths(d.config.state_dir, d.vm.name);
     this.stateSince = d.clock.now();
     this.ckpt = new CheckpointTracker(d.config.colo.storm_window_s * 1000, (pause) => this.d.metrics.checkpoint(this.name, pause));
-    this.consoleTail = new LogTail(this.paths.serialLog);
-    this.qemuLogTail = new LogTail(this.paths.qemuLog);
+    this.procs = d.qemuProcesses ?? systemQemuProcesses;
+    const tail = d.logTail ?? ((path: string) => new LogTail(path));
+    this.consoleTail = tail(this.paths.serialLog);
+    this.qemuLogTail = tail(this.paths.qemuLog);
     // A healthy secondary answers within a checkpoint or two; give it at least 6 s.
     this.silent = new SilentReplicaDetector(Math.max(6000, 2 * checkpointDelay(d.config, d.vm)));
   }
@@ -273,7 +282,7 @@ export class VmController {
 
   // ------------------------------------------------------------------ QEMU
 
-  private attach(h: QemuHandle, runState: string): void {
+  private attach(h: QemuProcess, runState: string): void {
     this.qemu = h;
     this.runState = runState;
     h.qmp.on('event', (e) => this.onEvent(e));
@@ -332,13 +341,13 @@ export class VmController {
   private unfencing = false;
   private lastLoggedDecision = '';
 
-  private onQemuExit(h: QemuHandle, info: ExitInfo): void {
+  private onQemuExit(h: QemuProcess, info: ExitInfo): void {
     if (this.qemu !== h) return;
     this.qemu = undefined;
     this.runState = 'absent';
     this.bootHeldSince = null;
     h.dispose();
-    forgetProcess(this.paths);
+    this.procs.forget(this.paths);
     const how = 'unknown' in info ? 'exited' : info.signal ? `killed by ${info.signal}` : `exited with code ${info.code}`;
     const was = this.state;
     const expected = this.expectedExit;
@@ -363,9 +372,9 @@ export class VmController {
     }
   }
 
-  private async launch(role: LaunchRole, paused: boolean): Promise<QemuHandle> {
+  private async launch(role: LaunchRole, paused: boolean): Promise<QemuProcess> {
     const argv = buildQemuArgv(this.d.config, this.d.vm, this.paths, { role, paused }, this.d.features);
-    const h = await launchQemu({
+    const h = await this.procs.launch({
       binary: this.d.config.qemu.binary, argv, env: this.d.config.qemu.env, role, paths: this.paths, log: this.log,
     });
     this.attach(h, paused || role === 'secondary' ? 'paused' : 'running');
@@ -397,7 +406,7 @@ export class VmController {
   private recordProcessRole(role: LaunchRole): void {
     if (!this.qemu) return;
     try {
-      writeFileAtomic(this.paths.processRecord, JSON.stringify({ ...this.qemu.record, role }));
+      this.procs.recordRole(this.paths, this.qemu, role);
     } catch (e) {
       // Never abort a takeover for it: only a re-attach after an agent restart reads the role.
       this.log.error('could not update the QEMU process record', { file: this.paths.processRecord, error: errorMessage(e) });
@@ -411,8 +420,8 @@ export class VmController {
     // Frozen by the lease fencer while no agent ran (fence/fencer.ts): it cannot answer QMP. Thaw
     // it only with the lease renewed (the witness serializes that with any takeover), discard it
     // if another node holds a newer epoch, else wait.
-    const rec = readJsonFile<ProcessRecord>(this.paths.processRecord);
-    if (rec && isSameProcessAlive(rec) && procStateLetter(rec.pid) === 'T') {
+    const rec = this.procs.frozen(this.paths);
+    if (rec) {
       const verdict = await this.thawVerdict();
       if (verdict === 'wait') {
         this.setState('stopped', 'QEMU frozen by the lease fencer; waiting for the witness to renew the lease');
@@ -422,17 +431,17 @@ export class VmController {
       }
       if (verdict === 'discard') {
         this.log.error('QEMU frozen by the lease fencer and the lease went to the other node: discarding this copy', { pid: rec.pid });
-        try { process.kill(rec.pid, 'SIGKILL'); } catch { /* gone */ }
-        forgetProcess(this.paths);
+        this.procs.signal(rec.pid, 'SIGKILL');
+        this.procs.forget(this.paths);
         this.setState('stopped', 'frozen stale copy discarded: the other node holds a newer epoch');
         return;
       }
       this.log.warn('QEMU frozen by the lease fencer; the witness renewed its lease: thawing it', { pid: rec.pid });
-      try { process.kill(rec.pid, 'SIGCONT'); } catch { /* gone */ }
+      this.procs.signal(rec.pid, 'SIGCONT');
     }
-    let h: QemuHandle | null = null;
+    let h: QemuProcess | null = null;
     try {
-      h = await reattachQemu(this.paths, this.log);
+      h = await this.procs.reattach(this.paths, this.log);
     } catch (e) {
       this.log.error('a QEMU for this VM runs but does not answer QMP; leaving it alone', { error: errorMessage(e) });
       this.setState('stopped', `unreachable QEMU left running: ${errorMessage(e)}`);

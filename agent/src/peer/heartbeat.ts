@@ -12,7 +12,7 @@
 // ping of an earlier life of this agent, or one older than the timeout, says nothing. The price:
 // a one-way link counts as down on both sides (liveness needs a round trip).
 import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
-import { createSocket, type Socket } from 'node:dgram';
+import { createSocket } from 'node:dgram';
 import { isIPv6 } from 'node:net';
 import type { Clock } from '../util/clock.ts';
 import type { Logger } from '../log/logger.ts';
@@ -69,15 +69,42 @@ export interface HeartbeatOptions {
   log: Logger;
   summaries: () => Record<string, VmSummary>;
   onChange: (view: PeerView, why: string) => void;
+  /** The UDP socket (default: node:dgram). The simulator passes its network. */
+  transport?: DatagramTransport;
 }
+
+/** A bound datagram socket, as the heartbeat service uses one. */
+export interface DatagramSocket {
+  send(buf: Buffer, port: number, address: string): void;
+  close(): void;
+}
+export interface DatagramTransport {
+  bind(address: string, port: number, onMessage: (buf: Buffer, from: { address: string; port: number }) => void, onError: (e: Error) => void): Promise<DatagramSocket>;
+}
+
+export const udpTransport: DatagramTransport = {
+  async bind(address, port, onMessage, onError) {
+    const sock = createSocket({ type: isIPv6(address) ? 'udp6' : 'udp4', reuseAddr: false });
+    await new Promise<void>((resolve, reject) => {
+      sock.once('error', reject);
+      sock.bind(port, address, () => { sock.off('error', reject); resolve(); });
+    });
+    sock.on('message', (buf, rinfo) => onMessage(buf, { address: rinfo.address, port: rinfo.port }));
+    sock.on('error', onError);
+    return {
+      // Errors (EHOSTUNREACH/ENETUNREACH on a dead path) are expected: the path just stays silent.
+      send: (buf, p, a) => sock.send(buf, p, a, () => undefined),
+      close: () => { try { sock.close(); } catch { /* already closed */ } },
+    };
+  },
+};
 
 interface PathState { lastHeard: number | null; rtt: number | null }
 
 export class HeartbeatService {
   private readonly o: HeartbeatOptions;
   readonly instance = randomUUID();
-  private sock4: Socket | undefined;
-  private sock6: Socket | undefined;
+  private sock: DatagramSocket | undefined;
   private timer: NodeJS.Timeout | undefined;
   private seq = 0;
   private paths: PathState[];
@@ -104,15 +131,9 @@ export class HeartbeatService {
   }
 
   async start(): Promise<void> {
-    const v6 = isIPv6(this.o.listenAddress);
-    const sock = createSocket({ type: v6 ? 'udp6' : 'udp4', reuseAddr: false });
-    await new Promise<void>((resolve, reject) => {
-      sock.once('error', reject);
-      sock.bind(this.o.listenPort, this.o.listenAddress, () => { sock.off('error', reject); resolve(); });
-    });
-    sock.on('message', (buf, rinfo) => this.onMessage(buf, rinfo.address, rinfo.port));
-    sock.on('error', (e) => this.o.log.warn('heartbeat socket error', { error: e.message }));
-    if (v6) this.sock6 = sock; else this.sock4 = sock;
+    this.sock = await (this.o.transport ?? udpTransport).bind(this.o.listenAddress, this.o.listenPort,
+      (buf, from) => this.onMessage(buf, from.address, from.port),
+      (e) => this.o.log.warn('heartbeat socket error', { error: e.message }));
     this.timer = setInterval(() => this.tick(), this.o.intervalMs);
     this.tick();
   }
@@ -121,8 +142,8 @@ export class HeartbeatService {
   stop(): void {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
-    for (const s of [this.sock4, this.sock6]) { try { s?.close(); } catch { /* already closed */ } }
-    this.sock4 = this.sock6 = undefined;
+    this.sock?.close();
+    this.sock = undefined;
   }
 
   private mac(body: string): string {
@@ -132,9 +153,7 @@ export class HeartbeatService {
   private send(msg: HeartbeatMessage, address: string, port: number): void {
     const body = JSON.stringify(msg);
     const buf = Buffer.from(`${this.mac(body)} ${body}`);
-    const sock = this.sock6 ?? this.sock4;
-    // Errors (EHOSTUNREACH/ENETUNREACH on a dead path) are expected: the path just stays silent.
-    sock?.send(buf, port, address, () => undefined);
+    this.sock?.send(buf, port, address);
   }
 
   private tick(): void {

@@ -13,6 +13,7 @@ import { FtkvmError } from '../util/errors.ts';
 import { sleep } from '../util/clock.ts';
 import type { LaunchRole } from './argv.ts';
 import type { VmPaths } from './paths.ts';
+import type { QmpLike } from '../colo/sequences.ts';
 
 export interface ProcessRecord {
   pid: number;
@@ -193,3 +194,48 @@ function tail(file: string, lines = 5): string {
     return '(no log)';
   }
 }
+
+// ---------------------------------------------------------------- the port the controller uses
+
+/** What the VM controller needs of a running QEMU (QemuHandle; the simulator's QEMU model). */
+export interface QemuProcess {
+  readonly pid: number;
+  readonly record: ProcessRecord;
+  readonly qmp: QmpLike;
+  readonly exited: Promise<ExitInfo>;
+  readonly reattached: boolean;
+  alive(): boolean;
+  kill(signal?: NodeJS.Signals): void;
+  killAndWait(timeoutMs?: number): Promise<void>;
+  dispose(): void;
+}
+
+/**
+ * QEMU process lifecycle for one VM, as a port: production launches real processes
+ * (systemQemuProcesses); the simulator (test/sim) models them in virtual time.
+ */
+export interface QemuProcesses {
+  launch(o: LaunchOptions): Promise<QemuProcess>;
+  /** The QEMU a previous agent left running, or null. */
+  reattach(paths: VmPaths, log: Logger): Promise<QemuProcess | null>;
+  /** Forget the process record (the QEMU is gone). */
+  forget(paths: VmPaths): void;
+  /** Record the role the running QEMU now has (a re-attach after an agent restart reads it). */
+  recordRole(paths: VmPaths, p: QemuProcess, role: LaunchRole): void;
+  /** The recorded QEMU if it is alive but stopped by a signal (frozen by the lease fencer). */
+  frozen(paths: VmPaths): { pid: number } | null;
+  /** Signal a process found by frozen() (SIGCONT to thaw, SIGKILL to discard). */
+  signal(pid: number, sig: NodeJS.Signals): void;
+}
+
+export const systemQemuProcesses: QemuProcesses = {
+  launch: (o) => launchQemu(o),
+  reattach: (paths, log) => reattachQemu(paths, log),
+  forget: (paths) => forgetProcess(paths),
+  recordRole: (paths, p, role) => writeFileAtomic(paths.processRecord, JSON.stringify({ ...p.record, role })),
+  frozen(paths) {
+    const rec = readJsonFile<ProcessRecord>(paths.processRecord);
+    return rec && isSameProcessAlive(rec) && procStateLetter(rec.pid) === 'T' ? { pid: rec.pid } : null;
+  },
+  signal(pid, sig) { try { process.kill(pid, sig); } catch { /* gone */ } },
+};

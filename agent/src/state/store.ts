@@ -17,13 +17,27 @@ export interface VmDurable {
 
 export interface NodeStateFile { version: 1; node: string; vms: Record<string, VmDurable> }
 
+/** Where the state lives (default: state.json, atomic + fsync). The simulator keeps it in memory. */
+export interface StateMedium {
+  read(path: string): NodeStateFile | null;
+  /** Durable before returning; throws when the write failed. */
+  write(path: string, text: string): void;
+}
+
+export const fileMedium: StateMedium = {
+  read: (path) => readJsonFile<NodeStateFile>(path) ?? null,
+  write: (path, text) => writeFileAtomic(path, text),
+};
+
 export class StateStore {
   private readonly path: string;
   private data: NodeStateFile;
+  private readonly medium: StateMedium;
 
-  constructor(stateDir: string, node: string) {
+  constructor(stateDir: string, node: string, medium: StateMedium = fileMedium) {
     this.path = join(stateDir, 'state.json');
-    const existing = readJsonFile<NodeStateFile>(this.path);
+    this.medium = medium;
+    const existing = medium.read(this.path);
     if (existing && existing.node !== node) {
       throw new Error(`${this.path} belongs to node "${existing.node}", not "${node}" (wrong state_dir or node.name?)`);
     }
@@ -56,7 +70,7 @@ export class StateStore {
 
   /** Write the in-memory state (throws like update()). */
   flush(): void {
-    writeFileAtomic(this.path, JSON.stringify(this.data, null, 2) + '\n');
+    this.medium.write(this.path, JSON.stringify(this.data, null, 2) + '\n');
     this.unsaved = false;
   }
 

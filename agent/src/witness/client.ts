@@ -9,14 +9,46 @@ import type { Logger } from '../log/logger.ts';
 import { errorMessage } from '../util/errors.ts';
 import type { GateDecision, LeaseView, PromotionGate, WitnessStatus } from '../colo/gate.ts';
 
-export interface WitnessClientOptions { url: string; node: string; leaseMs: number; token: () => string; clock: Clock; log: Logger }
+export interface WitnessClientOptions {
+  url: string; node: string; leaseMs: number; token: () => string; clock: Clock; log: Logger;
+  /** How requests reach the witness (default: HTTP with undici). The simulator passes its network. */
+  transport?: WitnessTransport;
+}
 
-interface AcquireAnswer { granted: boolean; holder: string; epoch: number; expiresInMs: number; reason?: string; retryAfterMs?: number | null }
+/** The witness protocol's two calls (witness/server.ts). Rejects when the witness cannot be reached. */
+export interface WitnessTransport {
+  acquire(vm: string, req: { node: string; epoch: number; leaseMs: number }, timeoutMs: number): Promise<{ status: number; body: AcquireAnswer }>;
+  health(timeoutMs: number): Promise<void>;
+  close(): void;
+}
+
+function httpTransport(url: string, token: () => string): WitnessTransport {
+  const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
+  const base = url.replace(/\/$/, '');
+  return {
+    async acquire(vm, req, timeoutMs) {
+      const res = await request(`${base}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
+        method: 'POST', dispatcher,
+        headers: { authorization: `Bearer ${token()}`, 'content-type': 'application/json' },
+        body: JSON.stringify(req), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
+      });
+      return { status: res.statusCode, body: (await res.body.json()) as AcquireAnswer };
+    },
+    async health(timeoutMs) {
+      const res = await request(`${base}/health`, { dispatcher, headersTimeout: timeoutMs, bodyTimeout: timeoutMs });
+      await res.body.dump();
+      if (res.statusCode !== 200) throw new Error(`HTTP ${res.statusCode}`);
+    },
+    close() { void dispatcher.close(); },
+  };
+}
+
+export interface AcquireAnswer { granted: boolean; holder: string; epoch: number; expiresInMs: number; reason?: string; retryAfterMs?: number | null }
 
 export class WitnessGate implements PromotionGate {
   readonly mode = 'witness' as const;
   private readonly o: WitnessClientOptions;
-  private readonly dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
+  private readonly transport: WitnessTransport;
   private readonly kept = new Map<string, number>();
   private readonly validUntil = new Map<string, number>();
   private readonly lostWhy = new Map<string, string>();
@@ -31,6 +63,7 @@ export class WitnessGate implements PromotionGate {
 
   constructor(o: WitnessClientOptions) {
     this.o = o;
+    this.transport = o.transport ?? httpTransport(o.url, o.token);
     this.renewMs = Math.max(50, Math.floor(o.leaseMs / 5));
     // The control loop notices an expired lease up to one step (100 ms) late, and pausing takes
     // a few ms: stop trusting the lease well before the witness could give it away.
@@ -41,16 +74,10 @@ export class WitnessGate implements PromotionGate {
 
   private async post(vm: string, epoch: number): Promise<{ status: number; body: AcquireAnswer; sentAt: number }> {
     const sentAt = this.o.clock.mono();
-    const res = await request(`${this.o.url.replace(/\/$/, '')}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
-      method: 'POST', dispatcher: this.dispatcher,
-      headers: { authorization: `Bearer ${this.o.token()}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ node: this.o.node, epoch, leaseMs: this.o.leaseMs }),
-      headersTimeout: Math.max(200, this.renewMs * 2), bodyTimeout: Math.max(200, this.renewMs * 2),
-    });
-    const body = (await res.body.json()) as AcquireAnswer;
+    const { status, body } = await this.transport.acquire(vm, { node: this.o.node, epoch, leaseMs: this.o.leaseMs }, Math.max(200, this.renewMs * 2));
     this.lastOk = this.o.clock.mono();
     this.lastError = null;
-    return { status: res.statusCode, body, sentAt };
+    return { status, body, sentAt };
   }
 
   private record(vm: string, epoch: number, r: { status: number; body: AcquireAnswer; sentAt: number }): GateDecision {
@@ -109,9 +136,7 @@ export class WitnessGate implements PromotionGate {
   /** Nothing to renew: still find out whether the witness is there (health reports it). */
   private async ping(): Promise<void> {
     try {
-      const res = await request(`${this.o.url.replace(/\/$/, '')}/health`, { dispatcher: this.dispatcher, headersTimeout: 1000, bodyTimeout: 1000 });
-      await res.body.dump();
-      if (res.statusCode !== 200) throw new Error(`HTTP ${res.statusCode}`);
+      await this.transport.health(1000);
       this.lastOk = this.o.clock.mono();
       this.lastError = null;
     } catch (e) {
@@ -149,6 +174,6 @@ export class WitnessGate implements PromotionGate {
 
   stop(): void {
     clearInterval(this.timer);
-    void this.dispatcher.close();
+    this.transport.close();
   }
 }
