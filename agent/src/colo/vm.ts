@@ -113,6 +113,9 @@ const PRE_ATTEMPT_SUMMARY_GRACE_MS = 10_000;
 /** How long the primary's own QEMU may take to answer query-status before a stall is blamed on it. */
 const OWN_QEMU_ANSWER_MS = 3000;
 
+/** States that describe a running QEMU ('starting' and 'preparing' are set just before it starts). */
+const NEEDS_QEMU: readonly VmState[] = ['standalone', 'syncing', 'protected', 'dropping', 'fenced', 'secondary', 'taking-over'];
+
 export class VmBusyError extends FtkvmError {
   constructor(vm: string, what: string) { super('VM_BUSY', `${vm}: ${what}`); }
 }
@@ -185,6 +188,14 @@ export class VmController {
       // An action that started before the fence must not make the VM look (or be) running.
       this.log.warn(`not switching to ${to} while fenced`, { reason });
       to = 'fenced';
+    }
+    if (!this.qemu && NEEDS_QEMU.includes(to)) {
+      // An action that outlived its QEMU (it died during a resync, say) must not leave a state
+      // that claims a running guest: nothing would ever start it again (found by the simulator:
+      // 'standalone' without a QEMU after a crash during protect, the VM down for good).
+      this.log.warn(`not switching to ${to}: this node's QEMU is gone`, { reason });
+      to = 'stopped';
+      reason = `${reason}; QEMU gone meanwhile`;
     }
     const from = this.state;
     if (from === to && reason === this.stateReason) return;
