@@ -17,6 +17,8 @@ interface During {
   A: string; B: string;
   /** When A's QEMU ran again after it had been paused during the partition (a fence undone), else null. */
   aRanAgainAfterPause: string | null;
+  /** reach 'none': A's state when it resumed after the peer links healed, the witness still cut. */
+  resumedWithoutWitness?: { state: string; epoch: number };
 }
 
 async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect: (s: During) => Promise<void>) {
@@ -50,13 +52,13 @@ async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect
   await p.tb.restore('mgmt');
   await waitUntil(async () => ((await p.status('A'))?.peer.alive && (await p.status('B'))?.peer.alive) || undefined, 30_000, 'the agents hear each other again');
   if (reach === 'none') {
-    // Hearing the peer again is no licence to resume: a takeover the secondary decided while A
-    // was silent may still be on its way to the witness (CI saw it granted 55-100 ms after A had
-    // resumed by an old "peer is back" rule: two primaries). Only A's renewed lease counts.
-    await sleep(1000);
-    t.is((await p.vmStatus('A', 'vm'))!.state, 'fenced', 'A stays fenced while the witness is still out of reach');
-    await p.tb.restoreWitness('A');
-    await waitUntil(async () => { const s = (await p.vmStatus('A', 'vm'))!.state; return s !== 'fenced' ? s : undefined; }, 30_000, 'A resumes once the witness renews its lease');
+    // Hearing the peer again is no licence to resume by itself: a takeover the secondary decided
+    // while A was silent may still be on its way to the witness (CI saw it granted 55-100 ms
+    // after A had resumed by an old "peer is back" rule: two primaries). The peer's release of
+    // its replica is: it refuses while it asks the witness. So A resumes with the witness still
+    // out of reach of both, at its epoch, and B holds no copy it could promote.
+    const resumed = await waitUntil(async () => { const s = (await p.vmStatus('A', 'vm'))!; return s.state !== 'fenced' ? s : undefined; }, 30_000, 'A resumes once B released its replica');
+    during.resumedWithoutWitness = { state: resumed.state, epoch: resumed.epoch };
   }
   await p.tb.restoreAll();
   const healedAt = Date.now();
@@ -69,7 +71,7 @@ async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect
   t.true(watch.samples.length > 100, `polled ${watch.samples.length} times`);
   const last = watch.lastSettled()!;
   t.is([last.A, last.B].filter((x) => x === 'PRIMARY').length, 1, `exactly one primary after healing (${last.A}/${last.B})`);
-  return prim;
+  return { prim, during };
 }
 
 const pairOpts = { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }], witness: true };
@@ -77,7 +79,7 @@ const pairOpts = { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }], witness:
 test('partition, witness reachable from both: the primary keeps the lease and runs; the secondary does not take over', async (t) => {
   t.timeout(300_000);
   await withPair(t, 51, pairOpts, async (p) => {
-    const prim = await partition(t, p, 'both', async (s) => {
+    const { prim, during } = await partition(t, p, 'both', async (s) => {
       t.is(s.A, 'standalone', 'A goes on alone: it holds the lease');
       t.not(s.B, 'standalone', 'B must not promote itself');
     });
@@ -88,7 +90,7 @@ test('partition, witness reachable from both: the primary keeps the lease and ru
 test('partition, witness reachable only from the secondary: the primary fences itself, the secondary takes over after the lease expired', async (t) => {
   t.timeout(300_000);
   await withPair(t, 52, pairOpts, async (p) => {
-    const prim = await partition(t, p, 'B', async (s) => {
+    const { prim, during } = await partition(t, p, 'B', async (s) => {
       t.is(s.A, 'fenced');
       t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
       t.is(s.B, 'standalone');
@@ -102,7 +104,7 @@ test('partition, witness reachable only from the secondary: the primary fences i
 test('partition, witness reachable only from the primary: the primary runs on, the secondary cannot promote', async (t) => {
   t.timeout(300_000);
   await withPair(t, 53, pairOpts, async (p) => {
-    const prim = await partition(t, p, 'A', async (s) => {
+    const { prim, during } = await partition(t, p, 'A', async (s) => {
       t.is(s.A, 'standalone');
       t.not(s.B, 'standalone');
     });
@@ -113,15 +115,18 @@ test('partition, witness reachable only from the primary: the primary runs on, t
 test('partition, witness reachable from neither: the primary fences itself, nobody runs it; after healing it resumes', async (t) => {
   t.timeout(300_000);
   await withPair(t, 54, pairOpts, async (p) => {
-    const prim = await partition(t, p, 'none', async (s) => {
+    const { prim, during } = await partition(t, p, 'none', async (s) => {
       t.is(s.A, 'fenced');
       t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
       t.not(s.B, 'standalone');
     });
     t.is(prim, 'A', 'nobody took over: the fenced primary resumed');
-    // It resumed by leaving COLO without the replica's release (B was cut off): at a new epoch,
-    // so the copy it left behind can never be promoted (issue 11 path 1).
-    t.is((await p.vmStatus('A', 'vm'))!.epoch, 2, 'A moved past the epoch of the replica it left behind');
+    const resumedWithoutWitness = during.resumedWithoutWitness;
+    t.log(`resumed with the witness still unreachable: ${JSON.stringify(resumedWithoutWitness)}`);
+    t.not(resumedWithoutWitness?.state, undefined, 'A resumed before the witness was back');
+    // B released its replica first: no copy is left behind, so A needs no new epoch.
+    t.is(resumedWithoutWitness?.epoch, 1, 'A resumed at its epoch');
+    // (B's copy was released: from then on B only ever becomes A's new secondary; the watch saw no second primary.)
   });
 });
 
@@ -136,9 +141,17 @@ test('witness down while the peers see each other: nothing changes, health repor
     const h = await waitUntil(async () => { const x = await p.health('A'); return x?.status === 503 ? x : undefined; }, 10_000, 'health reports the witness');
     t.true(h.json.problems.some((x) => x.subject === 'witness' && /unreachable/.test(x.reason)), JSON.stringify(h.json));
     t.is(h.json.problems.length, 1, 'only the witness is a problem');
-    await sleep(4000); // leases expire meanwhile
-    t.is((await p.vmStatus('A', 'vm'))!.state, 'protected');
-    t.is((await p.vmStatus('B', 'vm'))!.state, 'secondary');
+    // Leases expire meanwhile. Nothing changes while heartbeats flow; a heartbeat gap of more than
+    // two intervals (CI saw 215 ms under load) legitimately fences the lease-less primary, which
+    // must then resume at once (the peer releases its replica) and be protected again, never stay
+    // paused until the witness returns (the CI failure this replaced).
+    const states: { at: number; A: string }[] = [];
+    const t0 = Date.now();
+    while (Date.now() - t0 < 4000) { states.push({ at: Date.now() - t0, A: (await p.vmStatus('A', 'vm'))?.state ?? 'unknown' }); await sleep(100); }
+    const fencedAt = states.filter((x) => x.A === 'fenced').map((x) => x.at);
+    if (fencedAt.length) t.log(`A fenced during the witness outage (a heartbeat gap) from +${fencedAt[0]} to +${fencedAt[fencedAt.length - 1]} ms`);
+    t.true(fencedAt.length === 0 || fencedAt[fencedAt.length - 1]! - fencedAt[0]! < 2000, `A not left fenced: ${JSON.stringify(states.filter((x) => x.A !== 'protected'))}`);
+    await waitUntil(async () => ((await p.vmStatus('A', 'vm'))!.state === 'protected' && (await p.vmStatus('B', 'vm'))!.state === 'secondary') || undefined, 30_000, 'protected, with the witness still down');
     p.startWitness();
     await waitUntil(async () => (await p.health('A'))?.status === 200 || undefined, 10_000, 'healthy again');
     await waitUntil(async () => (await p.health('B'))?.status === 200 || undefined, 10_000, 'B healthy again');

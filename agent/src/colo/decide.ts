@@ -55,7 +55,8 @@ export type Action =
   | { kind: 'boot'; why: string }
   | { kind: 'hand-over'; why: string }
   | { kind: 'fence'; why: string }
-  | { kind: 'unfence'; why: string };
+  | { kind: 'unfence'; why: string }
+  | { kind: 'reclaim'; why: string };
 
 const none = (why: string): Action => ({ kind: 'none', why });
 
@@ -213,9 +214,16 @@ export function decide(i: DecideInput): Action {
       // 55-100 ms later, and both ran as primaries. A renewal, by contrast, is serialized by the
       // witness with any such request: once renewed, a late takeover request is refused.
       if (i.lease === 'held') return { kind: 'unfence', why: 'the witness renewed this node\'s lease: it still owns the current epoch' };
-      return none(i.peer === 'alive'
-        ? 'fenced: the peer is back, but only a renewed lease proves no takeover of this epoch is still on its way to the witness'
-        : 'fenced: paused until the witness renews this node\'s lease or the peer shows a newer promotion');
+      // Without the witness (down, or out of reach), only the peer can say it will not take over:
+      // it does so by releasing its replica, which it refuses while it is asking the witness for
+      // the lease (a request on its way) or runs the VM. With no replica left to promote, this
+      // node resumes at its epoch, unprotected, and builds a new replica. Waiting for the witness
+      // instead kept the guest paused for as long as the witness was down after one heartbeat
+      // gap of 215 ms (CI, witness stopped, both hosts up).
+      if (i.peer === 'alive' && pv && !isPrimaryState(pv.state)) {
+        return { kind: 'reclaim', why: `no lease from the witness (${i.leaseReason}), but the peer is back and does not run the VM (${pv.qemu ? pv.state : 'no QEMU'}): resuming once it has released any replica` };
+      }
+      return none('fenced: paused until the witness renews this node\'s lease, the peer is back to release its replica, or the peer shows a newer promotion');
     }
     default:
       return none(`in transition (${i.state})`);

@@ -706,6 +706,7 @@ export class VmController {
         case 'hand-over': await this.handOver(a.why); break;
         case 'fence': await this.fence(a.why); break;
         case 'unfence': await this.unfence(a.why); break;
+        case 'reclaim': await this.reclaim(a.why); break;
         case 'none': break;
       }
     } catch (e) {
@@ -1116,6 +1117,43 @@ export class VmController {
     this.log.warn('fence lifted: guest resumed', { why });
     this.nextProtectAt = 0;
     this.setState('standalone', `resumed: ${why}`);
+  }
+
+  /**
+   * Fenced, no lease from the witness, the peer heard again and not running the VM: resume
+   * without the lease once the peer has released its replica. Its release is the promise that
+   * it will not take over: it refuses while it asks the witness for the lease or runs the VM, and
+   * with its replica gone there is no copy it could promote. Should a takeover request it sent
+   * earlier still be granted (its answer lost), this node's next renewal is refused and it demotes;
+   * no copy missing acknowledged work runs, since the peer has none.
+   */
+  private async reclaim(why: string): Promise<void> {
+    const q = this.qemu?.qmp;
+    if (!q || this.state !== 'fenced') return;
+    try {
+      await this.d.peer.call('POST', `/v1/peer/vms/${this.name}/release`, { reason: `fenced primary resuming without the witness: ${why}`, epoch: this.durable().primaryEpoch }, 2000);
+    } catch (e) {
+      this.lastWhy = `staying fenced: the peer did not release its replica (${errorMessage(e)})`;
+      return;
+    }
+    if (this.state !== 'fenced' || this.d.gate.lease(this.name).state === 'lost') return;
+    this.unfencing = true;
+    try {
+      const mig = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'unknown' }));
+      // Leaving COLO resumes the guest (QEMU's vm_start): unfencing is set, the RESUME guard lets it.
+      if (mig.status === 'colo' || mig.status === 'unknown') {
+        await seq.primaryDropSecondary(q, { inColo: true }).catch((e) => this.log.error('leaving COLO while reclaiming failed', { error: errorMessage(e) }));
+      }
+      const st = await q.execute<{ running: boolean }>('query-status');
+      if (!st.running) await q.execute('cont');
+      await q.execute('set_link', { name: 'hn0', up: true });
+      this.persist({ fenced: false });
+      this.log.warn('fence lifted without the witness: the peer released its replica', { why, epoch: this.durable().primaryEpoch });
+      this.nextProtectAt = 0;
+      this.setState('standalone', `resumed: ${why}`);
+    } finally {
+      this.unfencing = false;
+    }
   }
 
   // ------------------------------------------------------------------ peer RPC handlers
