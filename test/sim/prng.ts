@@ -1,0 +1,17 @@
+// A seeded PRNG (mulberry32): one seed = one exactly reproducible simulation. Math.random is
+// never used by the simulator.
+export class Prng {
+  private s: number;
+  constructor(seed: number) { this.s = seed >>> 0; }
+  /** Uniform in [0, 1). */
+  next(): number {
+    let t = (this.s = (this.s + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+  /** Integer in [lo, hi]. */
+  int(lo: number, hi: number): number { return lo + Math.floor(this.next() * (hi - lo + 1)); }
+  chance(p: number): boolean { return this.next() < p; }
+  pick<T>(xs: readonly T[]): T { return xs[Math.floor(this.next() * xs.length)]!; }
+}
