@@ -19,7 +19,7 @@ export const FAULT_KINDS = [
 export type FaultKind = typeof FAULT_KINDS[number];
 export interface Fault { kind: FaultKind; at: number; for: number; link?: string }
 
-export type Invariant = 'S1' | 'S2' | 'S3' | 'L1' | 'L2';
+export type Invariant = 'S1' | 'S2' | 'S3' | 'L1' | 'L2' | 'T';
 export interface Violation { invariant: Invariant; atMs: number; detail: string }
 export interface RunResult { seed: number; faults: Fault[]; violation: Violation | null; trace: string[]; events: number; acked: number; /** Log lines matching opts.watch. */ hits: string[] }
 
@@ -53,7 +53,12 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
   const keep = opts.traceLines ?? 80;
   const trace: string[] = [];
   const hits: string[] = [];
-  const log = (line: string) => { if (opts.watch?.test(line)) hits.push(line); trace.push(`${((Date.now() - NOW0) / 1000).toFixed(3)} ${line}`); if (trace.length > keep * 4) trace.splice(0, trace.length - keep); };
+  let outsideTable: string | null = null;
+  const log = (line: string) => {
+    if (opts.watch?.test(line)) hits.push(line);
+    if (!outsideTable && line.includes('state transition outside the table')) outsideTable = line;
+    trace.push(`${((Date.now() - NOW0) / 1000).toFixed(3)} ${line}`); if (trace.length > keep * 4) trace.splice(0, trace.length - keep);
+  };
   try {
     const rng = new Prng(seed);
     const net = new Net(rng);
@@ -198,6 +203,7 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
           } else pausedHeard[h] = null;
         } else { pausedSince[h] = null; pausedHeard[h] = null; }
       }
+      if (outsideTable) fail('T', outsideTable);
       if (serving.length > 1) fail('S1', `both copies serve: A ${hosts.A.qemu?.pid} (counter ${hosts.A.qemu?.counter}), B ${hosts.B.qemu?.pid} (counter ${hosts.B.qemu?.counter})`);
       for (; grantsSeen < witness.grants.length; grantsSeen++) {
         const g = witness.grants[grantsSeen]!;

@@ -27,3 +27,24 @@ export function roleOf(s: VmState): Role {
 }
 
 export const isPrimaryState = (s: string | undefined): boolean => !!s && (PRIMARY_STATES as readonly string[]).includes(s);
+
+/**
+ * Every transition setState may make ('stopped' after the QEMU exited is always possible). The
+ * re-attach after an agent restart moves from 'stopped' to whatever state the QEMU it finds is
+ * in. setState logs an error for anything else, and the simulator counts it as a violation.
+ */
+export const TRANSITIONS: Readonly<Record<VmState, readonly VmState[]>> = {
+  stopped: ['starting', 'preparing', 'standalone', 'protected', 'fenced', 'secondary'],
+  starting: ['standalone', 'fenced', 'stopped'],
+  standalone: ['syncing', 'fenced', 'stopped'],
+  syncing: ['protected', 'standalone', 'fenced', 'stopped'],
+  protected: ['dropping', 'fenced', 'stopped'],
+  dropping: ['standalone', 'fenced', 'stopped'],
+  fenced: ['standalone', 'stopped'],
+  preparing: ['secondary', 'stopped'],
+  secondary: ['taking-over', 'stopped'],
+  'taking-over': ['standalone', 'stopped'],
+  stopping: ['stopped'],
+};
+
+export const isTransition = (from: VmState, to: VmState): boolean => from === to || TRANSITIONS[from].includes(to);
