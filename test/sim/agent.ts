@@ -91,6 +91,7 @@ export class SimAgent {
     const witnessTransport: WitnessTransport = {
       acquire: (vm, req, timeoutMs) => w.net.exchange('witness acquire', h, 'W', 'mgmt', () => w.witness.up, () => w.witness.acquire(vm, req), timeoutMs, 500),
       health: (timeoutMs) => w.net.exchange('witness health', h, 'W', 'mgmt', () => w.witness.up, async () => undefined, timeoutMs, 500),
+      release: (vm, req, timeoutMs) => w.net.exchange('witness release', h, 'W', 'mgmt', () => w.witness.up, () => w.witness.release(vm, req), timeoutMs, 500),
       close: () => undefined,
     };
     this.gate = new WitnessGate({ url: this.c.witness.url!, node: this.c.node.name, leaseMs: this.c.witness.lease_ms, token: () => 'sim', clock, log: this.log.child('witness'), transport: witnessTransport });

@@ -30,7 +30,7 @@ function core(o: Partial<Fakes> = {}) {
   const gate: PromotionGate = {
     mode: 'witness',
     acquire: async (_vm, epoch) => f.gate.grants.shift() ?? { granted: false, epoch, reason: 'witness unreachable' },
-    keep: () => undefined, lease: () => f.gate.lease, stop: () => undefined,
+    keep: () => undefined, release: async () => true, lease: () => f.gate.lease, stop: () => undefined,
     status: () => ({ mode: 'witness', url: 'x', reachable: false, lastContactMs: null, error: null, leaseMs: 1000 }),
   };
   const config = simConfig('A');

@@ -4,8 +4,17 @@ import type { Agent } from '../agent.ts';
 import { roleOf } from '../colo/states.ts';
 import { OperationRefused, type OperationKind } from '../ops/operations.ts';
 import { field, HttpError, type Ctx, type Reply, type Route } from './http.ts';
+import { isValidEpoch, MAX_EPOCH } from '../witness/lease.ts';
 
 const FORWARDED = 'x-ftkvm-forwarded';
+
+/** A peer RPC's epoch: a safe integer within bounds, or the request is refused (400) before it acts. */
+function epochField(b: unknown, required: boolean): number | undefined {
+  const e = field<number>(b, 'epoch', 'number', required);
+  if (e === undefined) return undefined;
+  if (!isValidEpoch(e)) throw new HttpError(400, 'BAD_BODY', `epoch must be an integer from 1 to ${MAX_EPOCH}`);
+  return e;
+}
 
 function vmOr404(agent: Agent, name: string) {
   const v = agent.vm(name);
@@ -70,7 +79,7 @@ export function buildRoutes(agent: Agent): Route[] {
         const v = vmOr404(agent, ctx.params.name!);
         const b = await ctx.body();
         await v.prepareSecondary({
-          epoch: field<number>(b, 'epoch', 'number', true)!,
+          epoch: epochField(b, true)!,
           sizeBytes: field<number>(b, 'sizeBytes', 'number', true)!,
           primary: field<string>(b, 'primary', 'string', true)!,
           protection: field<string>(b, 'protection', 'string', false),
@@ -83,7 +92,7 @@ export function buildRoutes(agent: Agent): Route[] {
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
         const b = await ctx.body();
-        await v.release(field<string>(b, 'reason', 'string', false) ?? 'no reason given', field<number>(b, 'epoch', 'number', false));
+        await v.release(field<string>(b, 'reason', 'string', false) ?? 'no reason given', epochField(b, false));
         return { json: { released: true } };
       },
     },
@@ -92,7 +101,7 @@ export function buildRoutes(agent: Agent): Route[] {
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
         const b = await ctx.body();
-        v.requestTakeover(field<string>(b, 'reason', 'string', false) ?? 'requested by peer', field<number>(b, 'epoch', 'number', false));
+        v.requestTakeover(field<string>(b, 'reason', 'string', false) ?? 'requested by peer', epochField(b, false));
         return { status: 202, json: { accepted: true } };
       },
     },

@@ -32,6 +32,11 @@ export interface PromotionGate {
   acquire(vm: string, epoch: number, reason: string): Promise<GateDecision>;
   /** Keep renewing the lease of `vm` at `epoch` in the background; null stops. */
   keep(vm: string, epoch: number | null): void;
+  /**
+   * Give the lease up now: this node's QEMU for the VM is gone (crash, drill, switchover), so the
+   * successor's takeover need not wait for the expiry. Stop keeping it first. Never throws.
+   */
+  release(vm: string, epoch: number): Promise<boolean>;
   lease(vm: string): LeaseView;
   status(): WitnessStatus;
   stop(): void;
@@ -43,6 +48,7 @@ export class TwoNodeGate implements PromotionGate {
     return { granted: true, epoch, reason: 'two-node mode: no witness configured (unsafe against partitions)' };
   }
   keep(): void { /* nothing to renew */ }
+  async release(): Promise<boolean> { return true; }
   lease(): LeaseView { return { state: 'held', reason: 'two-node mode', validForMs: null }; }
   status(): WitnessStatus { return { mode: 'two-node', url: null, reachable: null, lastContactMs: null, error: null, leaseMs: null }; }
   stop(): void { /* nothing */ }

@@ -19,6 +19,7 @@ export interface WitnessClientOptions {
 export interface WitnessTransport {
   acquire(vm: string, req: { node: string; epoch: number; leaseMs: number }, timeoutMs: number): Promise<{ status: number; body: AcquireAnswer }>;
   health(timeoutMs: number): Promise<void>;
+  release(vm: string, req: { node: string; epoch: number }, timeoutMs: number): Promise<{ status: number }>;
   close(): void;
 }
 
@@ -33,6 +34,15 @@ function httpTransport(url: string, token: () => string): WitnessTransport {
         body: JSON.stringify(req), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
       });
       return { status: res.statusCode, body: (await res.body.json()) as AcquireAnswer };
+    },
+    async release(vm, req, timeoutMs) {
+      const res = await request(`${base}/v1/leases/${encodeURIComponent(vm)}/release`, {
+        method: 'POST', dispatcher,
+        headers: { authorization: `Bearer ${token()}`, 'content-type': 'application/json' },
+        body: JSON.stringify(req), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
+      });
+      await res.body.dump();
+      return { status: res.statusCode };
     },
     async health(timeoutMs) {
       const res = await request(`${base}/health`, { dispatcher, headersTimeout: timeoutMs, bodyTimeout: timeoutMs });
@@ -60,6 +70,8 @@ export class WitnessGate implements PromotionGate {
   private readonly renewMs: number;
   private readonly marginMs: number;
   private renewing = false;
+  /** Renewal requests on their way, per VM: a release waits for them (one arriving after it would renew). */
+  private readonly inflight = new Map<string, Promise<void>>();
 
   constructor(o: WitnessClientOptions) {
     this.o = o;
@@ -114,7 +126,25 @@ export class WitnessGate implements PromotionGate {
       // a healthy primary fence itself ~100 ms after an agent restart.
       if (!this.kept.has(vm) && !this.validUntil.has(vm)) this.firstRenewal.add(vm);
       this.kept.set(vm, epoch);
-      void this.renewOne(vm, epoch);
+      void this.renewTracked(vm, epoch);
+    }
+  }
+
+  private renewTracked(vm: string, epoch: number): Promise<void> {
+    const p = this.renewOne(vm, epoch).finally(() => { if (this.inflight.get(vm) === p) this.inflight.delete(vm); });
+    this.inflight.set(vm, p);
+    return p;
+  }
+
+  async release(vm: string, epoch: number): Promise<boolean> {
+    this.keep(vm, null);
+    await this.inflight.get(vm);
+    try {
+      const r = await this.transport.release(vm, { node: this.o.node, epoch }, Math.max(200, this.renewMs * 2));
+      return r.status === 200;
+    } catch (e) {
+      this.o.log.warn('could not release the lease at the witness; the successor waits for its expiry', { vm, epoch, error: errorMessage(e) });
+      return false;
     }
   }
 
@@ -149,7 +179,7 @@ export class WitnessGate implements PromotionGate {
     this.renewing = true;
     try {
       if (this.kept.size === 0) await this.ping();
-      await Promise.all([...this.kept].map(([vm, epoch]) => this.renewOne(vm, epoch)));
+      await Promise.all([...this.kept].map(([vm, epoch]) => this.renewTracked(vm, epoch)));
     } finally {
       this.renewing = false;
     }

@@ -2,11 +2,14 @@
 // VM as primary when the two hosts cannot see each other. Protocol (JSON over HTTP, bearer
 // token on every call but /health):
 //   POST /v1/leases/{vm}/acquire {node, epoch, leaseMs}
-//        200 {granted: true, holder, epoch, expiresInMs, previous}
+//        200 {granted: true, holder, epoch, expiresInMs}
 //        409 {granted: false, holder, epoch, expiresInMs, reason, retryAfterMs}
+//   POST /v1/leases/{vm}/release {node, epoch}   the holder gives it up now (its QEMU is gone)
+//        200 {released: true}   409 {released: false, reason}
 //   GET  /v1/leases            all leases;   GET /v1/leases/{vm}   one lease (404 if none)
 //   GET  /health               200 {ok: true, leases: N}
-// A grant is written to disk (temp file, fsync, rename) before it is answered.
+// A new holder or epoch is written to disk (temp file, fsync, rename) before it is answered; a
+// renewal is not (table.ts). Expiries run on the monotonic clock.
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import { join } from 'node:path';
@@ -14,61 +17,72 @@ import type { Logger } from '../log/logger.ts';
 import { createRouter, field, HttpError, type Route } from '../api/http.ts';
 import { parseHostPort } from '../config/schema.ts';
 import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
-import { decideAcquire, type Lease } from './lease.ts';
+import { isValidEpoch, MAX_EPOCH, MAX_LEASE_MS, MIN_LEASE_MS } from './lease.ts';
+import { LeaseTable, type StoredLease } from './table.ts';
 
 export interface WitnessOptions { listen: string; dataDir: string; tokenFile: string; log: Logger; now?: () => number }
+
+const VM_NAME = /^[a-z][a-z0-9-]{0,30}$/;
+
+function epochOf(b: unknown): number {
+  const epoch = field<number>(b, 'epoch', 'number', true)!;
+  if (!isValidEpoch(epoch)) throw new HttpError(400, 'BAD_BODY', `epoch must be an integer from 1 to ${MAX_EPOCH}`);
+  return epoch;
+}
 
 export class WitnessServer {
   private readonly o: WitnessOptions;
   private readonly file: string;
-  private leases: Record<string, Lease>;
+  readonly table: LeaseTable;
   private server: Server | undefined;
   private token = '';
-  private readonly now: () => number;
 
   constructor(o: WitnessOptions) {
     this.o = o;
-    this.now = o.now ?? Date.now;
     this.file = join(o.dataDir, 'leases.json');
-    this.leases = readJsonFile<Record<string, Lease>>(this.file) ?? {};
-  }
-
-  private view(vm: string, l: Lease) {
-    return { vm, holder: l.holder, epoch: l.epoch, expiresInMs: Math.max(0, l.expiresAt - this.now()), grantedAt: l.grantedAt };
+    this.table = new LeaseTable({
+      load: () => readJsonFile<Record<string, StoredLease>>(this.file) ?? null,
+      save: (all) => writeFileAtomic(this.file, JSON.stringify(all, null, 2) + '\n'),
+    }, o.now ?? (() => performance.now()));
   }
 
   private routes(): Route[] {
+    const vmOf = (name: string | undefined) => { if (!name || !VM_NAME.test(name)) throw new HttpError(400, 'BAD_VM', 'invalid VM name'); return name; };
     return [
-      { method: 'GET', path: '/health', access: 'public', handler: () => ({ json: { ok: true, leases: Object.keys(this.leases).length } }) },
-      { method: 'GET', path: '/v1/leases', access: 'write', handler: () => ({ json: Object.entries(this.leases).map(([vm, l]) => this.view(vm, l)) }) },
+      { method: 'GET', path: '/health', access: 'public', handler: () => ({ json: { ok: true, leases: this.table.size } }) },
+      { method: 'GET', path: '/v1/leases', access: 'write', handler: () => ({ json: this.table.list() }) },
       {
         method: 'GET', path: '/v1/leases/:vm', access: 'write',
         handler: (ctx) => {
-          const l = this.leases[ctx.params.vm!];
+          const l = this.table.view(ctx.params.vm!);
           if (!l) throw new HttpError(404, 'NO_LEASE', `no lease for ${ctx.params.vm}`);
-          return { json: this.view(ctx.params.vm!, l) };
+          return { json: l };
         },
       },
       {
         method: 'POST', path: '/v1/leases/:vm/acquire', access: 'write',
         handler: async (ctx) => {
-          const vm = ctx.params.vm!;
-          if (!/^[a-z][a-z0-9-]{0,30}$/.test(vm)) throw new HttpError(400, 'BAD_VM', 'invalid VM name');
+          const vm = vmOf(ctx.params.vm);
           const b = await ctx.body();
           const node = field<string>(b, 'node', 'string', true)!;
-          const epoch = field<number>(b, 'epoch', 'number', true)!;
+          const epoch = epochOf(b);
           const leaseMs = field<number>(b, 'leaseMs', 'number', true)!;
-          if (!Number.isInteger(epoch) || epoch < 1) throw new HttpError(400, 'BAD_BODY', 'epoch must be a positive integer');
-          const cur = this.leases[vm];
-          const r = decideAcquire(cur, { node, epoch, leaseMs }, this.now());
-          if (!r.granted) {
-            return { status: 409, json: { granted: false, ...this.view(vm, r.current), reason: r.reason, retryAfterMs: r.retryAfterMs } };
-          }
-          const changed = !cur || cur.holder !== node || cur.epoch !== epoch;
-          this.leases = { ...this.leases, [vm]: r.lease };
-          writeFileAtomic(this.file, JSON.stringify(this.leases, null, 2) + '\n');
-          if (changed) this.o.log.info('lease granted', { vm, holder: node, epoch, previous: cur ? `${cur.holder}@${cur.epoch}` : 'none' });
-          return { json: { granted: true, ...this.view(vm, r.lease), previous: r.previous ? this.view(vm, r.previous) : null } };
+          if (!Number.isInteger(leaseMs) || leaseMs < MIN_LEASE_MS || leaseMs > MAX_LEASE_MS) throw new HttpError(400, 'BAD_BODY', `leaseMs must be an integer from ${MIN_LEASE_MS} to ${MAX_LEASE_MS}`);
+          const r = this.table.acquire(vm, { node, epoch, leaseMs });
+          if (r.changed) this.o.log.info('lease granted', { vm, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
+          return { status: r.status, json: r.body };
+        },
+      },
+      {
+        method: 'POST', path: '/v1/leases/:vm/release', access: 'write',
+        handler: async (ctx) => {
+          const vm = vmOf(ctx.params.vm);
+          const b = await ctx.body();
+          const node = field<string>(b, 'node', 'string', true)!;
+          const epoch = epochOf(b);
+          const r = this.table.release(vm, { node, epoch });
+          if (r.body.released) this.o.log.info('lease released by its holder', { vm, holder: node, epoch });
+          return { status: r.status, json: r.body };
         },
       },
     ];
@@ -84,7 +98,7 @@ export class WitnessServer {
       this.server!.once('error', reject);
       this.server!.listen(hp.port, hp.host, () => resolve());
     });
-    this.o.log.info('witness listening', { listen: this.o.listen, leases: Object.keys(this.leases).length, dataDir: this.o.dataDir });
+    this.o.log.info('witness listening', { listen: this.o.listen, leases: this.table.size, dataDir: this.o.dataDir });
   }
 
   async stop(): Promise<void> {
