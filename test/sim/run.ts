@@ -75,7 +75,10 @@ async function main(): Promise<void> {
     const r = await runSchedule(s);
     events += r.events; acked += r.acked; faults += r.faults.length;
     for (const f of r.faults) mix.set(f.kind, (mix.get(f.kind) ?? 0) + 1);
-    if (r.violation) failed.push(r);
+    if (r.violation) {
+      failed.push(r);
+      if (!json) process.stderr.write(`\nVIOLATION ${r.violation.invariant} seed ${s} at ${r.violation.atMs} ms: ${r.violation.detail}\n  replay: ${replayCmd(r)}\n`);
+    }
     if (!json && ((s - from + 1) % 25 === 0 || s === from + n - 1)) {
       process.stderr.write(`\r${s - from + 1}/${n} schedules, ${failed.length} violations, ${((Date.now() - t0) / 1000).toFixed(0)} s`);
     }
