@@ -77,7 +77,7 @@ export class SimAgent {
     const h = host.id;
     this.c = simConfig(h);
     const startMono = Date.now();
-    this.log = createLogger({ level: 'info', now: () => Date.now(), sink: (r) => w.log(`${h}#${gen} ${r.level} ${r.component}: ${r.msg} ${JSON.stringify(r.fields)}`) });
+    this.log = createLogger({ level: 'info', now: () => Date.now(), sink: (r) => { if (this.alive) w.log(`${h}#${gen} ${r.level} ${r.component}: ${r.msg} ${JSON.stringify(r.fields)}`); } }); // a dead process logs nothing
     const clock: Clock = { now: () => Date.now(), mono: () => Date.now(), setTimeout: (fn, ms) => { const t = setTimeout(fn, ms); return { cancel: () => clearTimeout(t) }; } };
     const medium: StateMedium = {
       read: (path) => { const t = host.files.get(path); return t ? JSON.parse(t) as NodeStateFile : null; },
@@ -88,10 +88,13 @@ export class SimAgent {
       },
     };
     this.store = new StateStore(this.c.state_dir, this.c.node.name, medium);
+    // A dead process sends nothing: every port of this agent refuses once it crashed (its
+    // promises may still resume in the simulation; in life the process is gone).
+    const dead = () => Promise.reject(new Error('agent process is dead'));
     const witnessTransport: WitnessTransport = {
-      acquire: (vm, req, timeoutMs) => w.net.exchange('witness acquire', h, 'W', 'mgmt', () => w.witness.up, () => w.witness.acquire(vm, req), timeoutMs, 500),
+      acquire: (vm, req, timeoutMs) => !this.alive ? dead() : w.net.exchange('witness acquire', h, 'W', 'mgmt', () => w.witness.up, () => w.witness.acquire(vm, req), timeoutMs, 500),
       health: (timeoutMs) => w.net.exchange('witness health', h, 'W', 'mgmt', () => w.witness.up, async () => undefined, timeoutMs, 500),
-      release: (vm, req, timeoutMs) => w.net.exchange('witness release', h, 'W', 'mgmt', () => w.witness.up, () => w.witness.release(vm, req), timeoutMs, 500),
+      release: (vm, req, timeoutMs) => !this.alive ? dead() : w.net.exchange('witness release', h, 'W', 'mgmt', () => w.witness.up, () => w.witness.release(vm, req), timeoutMs, 500),
       close: () => undefined,
     };
     this.gate = new WitnessGate({ url: this.c.witness.url!, node: this.c.node.name, leaseMs: this.c.witness.lease_ms, token: () => 'sim', clock, log: this.log.child('witness'), transport: witnessTransport });
@@ -110,6 +113,7 @@ export class SimAgent {
     });
     const procs: QemuProcesses = {
       launch: async (o) => {
+        if (!this.alive) throw new Error('agent process is dead');
         const q = new SimQemu(h, o.role, o.argv.includes('-S'), w.qemuEnv, Date.now());
         host.qemu?.die();
         host.qemu = q;
@@ -125,6 +129,7 @@ export class SimAgent {
     };
     const exec: Exec = async (cmd, args) => {
       await new Promise((r) => setTimeout(r, 1));
+      if (!this.alive) throw new Error('agent process is dead');
       const q = host.qemu?.isAlive ? host.qemu : null;
       if (cmd === 'ss') {
         const connected = !!q && (q.partner !== null || q.job !== null || q.incoming) && !q.severed;
@@ -197,6 +202,7 @@ export class SimAgent {
 
   /** Peer RPC (peer/client.ts semantics): each address in turn; an answered error is final. */
   private async rpc<T>(method: string, path: string, body: unknown, timeoutMs: number): Promise<T> {
+    if (!this.alive) throw new PeerRpcError('agent process is dead', null);
     const h = this.host.id, p = other(h);
     let last: unknown;
     for (const net of ['repl', 'mgmt'] as const) {

@@ -88,11 +88,13 @@ export class SimQemu {
   /** A new QMP connection to this process (an agent launching or re-attaching). */
   connect(reattached: boolean): QemuProcess {
     const self = this;
+    const gen = this.gen;
     return {
       pid: this.pid, record: this.record, exited: this.exited, reattached, qmp: this.handle(this.gen),
       alive: () => self.isAlive,
-      kill: () => self.die('SIGKILL'),
-      killAndWait: async () => { self.die('SIGKILL'); await new Promise((r) => setTimeout(r, 1)); },
+      // Through a connection of a dead agent nothing happens: the process that held it is gone.
+      kill: () => { if (self.gen === gen) self.die('SIGKILL'); },
+      killAndWait: async () => { if (self.gen === gen) self.die('SIGKILL'); await new Promise((r) => setTimeout(r, 1)); },
       dispose: () => undefined,
     };
   }

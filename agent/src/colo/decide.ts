@@ -93,14 +93,16 @@ export function mustFence(i: Pick<DecideInput, 'state' | 'lease' | 'leaseReason'
 export function decide(i: DecideInput): Action {
   const fence = mustFence(i);
   if (fence) return fence;
-  if (i.busy) return none('an operation is in progress');
-  const pv = i.peerVm;
-  const peerRuns = i.peer === 'alive' && pv !== undefined && pv.qemu && isPrimaryState(pv.state);
-
-  // A primary whose lease went to another node (newer epoch) must stop being primary at once.
+  // A primary whose lease went to another node (newer epoch) must stop being primary at once,
+  // even while an operation runs: the lease fencer freezes its QEMU meanwhile, and a protection
+  // waiting on that frozen QEMU would otherwise hold the VM down (found by the simulator, seed
+  // 4375: a takeover request granted after its client timed out, the guest frozen for good).
   if (isPrimaryState(i.state) && i.state !== 'starting' && i.state !== 'taking-over' && i.lease === 'lost') {
     return { kind: 'demote', why: `lost the lease: ${i.leaseReason}` };
   }
+  if (i.busy) return none('an operation is in progress');
+  const pv = i.peerVm;
+  const peerRuns = i.peer === 'alive' && pv !== undefined && pv.qemu && isPrimaryState(pv.state);
 
   switch (i.state) {
     case 'stopped': {

@@ -15,7 +15,11 @@ export interface GateDecision {
  * renewal yet (after an agent restart: the lease may well still be valid) · none: not kept
  */
 export type LeaseState = 'held' | 'expired' | 'lost' | 'unknown' | 'none';
-export interface LeaseView { state: LeaseState; reason: string | null; validForMs: number | null }
+export interface LeaseView {
+  state: LeaseState; reason: string | null; validForMs: number | null;
+  /** lost: the epoch the witness says another node holds (this node learns it). */
+  heldEpoch?: number;
+}
 
 export interface WitnessStatus {
   mode: 'witness' | 'two-node';

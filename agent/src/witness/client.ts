@@ -62,6 +62,8 @@ export class WitnessGate implements PromotionGate {
   private readonly kept = new Map<string, number>();
   private readonly validUntil = new Map<string, number>();
   private readonly lostWhy = new Map<string, string>();
+  /** The epoch the witness named when it refused us (another node's), per VM. */
+  private readonly lostEpoch = new Map<string, number>();
   /** Kept, but no renewal has been answered or has failed yet since (see LeaseState 'unknown'). */
   private readonly firstRenewal = new Set<string>();
   private lastOk: number | null = null;
@@ -100,7 +102,9 @@ export class WitnessGate implements PromotionGate {
     }
     const reason = r.body.reason ?? `HTTP ${r.status}`;
     if (r.status === 409 && (r.body.epoch > epoch || (r.body.epoch === epoch && r.body.holder !== this.o.node))) {
+      if (this.lostWhy.get(vm) !== `witness: ${reason}`) this.o.log.error('lease lost', { vm, epoch, why: `witness: ${reason}` });
       this.lostWhy.set(vm, `witness: ${reason}`);
+      this.lostEpoch.set(vm, r.body.epoch);
       this.validUntil.delete(vm);
     }
     return { granted: false, epoch, reason: `witness refused: ${reason}`, retryAfterMs: r.body.retryAfterMs ?? null };
@@ -117,7 +121,7 @@ export class WitnessGate implements PromotionGate {
 
   keep(vm: string, epoch: number | null): void {
     if (epoch === null) {
-      if (this.kept.delete(vm)) { this.validUntil.delete(vm); this.lostWhy.delete(vm); this.firstRenewal.delete(vm); }
+      if (this.kept.delete(vm)) { this.validUntil.delete(vm); this.lostWhy.delete(vm); this.lostEpoch.delete(vm); this.firstRenewal.delete(vm); }
       return;
     }
     if (this.kept.get(vm) !== epoch) {
@@ -153,7 +157,7 @@ export class WitnessGate implements PromotionGate {
       const r = await this.post(vm, epoch);
       if (this.kept.get(vm) !== epoch) return;
       const d = this.record(vm, epoch, r);
-      if (!d.granted && this.lostWhy.has(vm)) this.o.log.error('lease lost', { vm, epoch, why: this.lostWhy.get(vm) });
+      void d; // a loss is logged once, when it is recorded
     } catch (e) {
       const msg = errorMessage(e);
       if (msg !== this.lastError) this.o.log.warn('witness unreachable', { url: this.o.url, error: msg });
@@ -187,7 +191,7 @@ export class WitnessGate implements PromotionGate {
 
   lease(vm: string): LeaseView {
     const lost = this.lostWhy.get(vm);
-    if (lost) return { state: 'lost', reason: lost, validForMs: null };
+    if (lost) return { state: 'lost', reason: lost, validForMs: null, heldEpoch: this.lostEpoch.get(vm) };
     const until = this.validUntil.get(vm);
     const now = this.o.clock.mono();
     if (until !== undefined && until > now) return { state: 'held', reason: null, validForMs: Math.round(until - now) };

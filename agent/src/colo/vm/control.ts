@@ -8,6 +8,7 @@ import { protect } from './actions/protect.ts';
 import { coldStart, bootUnprotected } from './actions/start.ts';
 import { takeover } from './actions/takeover.ts';
 import type { VmCore } from './core.ts';
+import { isPrimaryState } from '../states.ts';
 import { killQemu } from './lifecycle.ts';
 import { checkReplica, sense } from './sense.ts';
 
@@ -22,6 +23,13 @@ export function fenceWatch(c: VmCore): void {
   if (c.fencing || c.stopped || !c.qemu) return;
   const view = c.d.peerView();
   const lease = c.d.gate.lease(c.name);
+  // A lost lease ends the primary role even while a control step is busy with an action (which
+  // may wait on a QEMU the lease fencer froze): the same rule as decide(), on this path too.
+  if (lease.state === 'lost' && isPrimaryState(c.state) && c.state !== 'starting' && c.state !== 'taking-over' && !c.demoting) {
+    c.demoting = true;
+    void run(c, { kind: 'demote', why: `lost the lease: ${lease.reason}` }, 'alive').finally(() => { c.demoting = false; });
+    return;
+  }
   const a = mustFence({
     state: c.state, lease: lease.state, leaseReason: lease.reason,
     peerSilentMs: view.lastHeardMs,
@@ -63,6 +71,8 @@ export async function tick(c: VmCore): Promise<void> {
 }
 
 export async function run(c: VmCore, a: Action, peerLiveness: PeerLiveness): Promise<void> {
+  // A demote can start while another action runs: busy lasts until the last one ended.
+  c.actions++;
   c.busy = true;
   const key = `${a.kind}:${a.why}`;
   if (key !== c.lastLoggedDecision) c.log.info(`decision: ${a.kind}`, { why: a.why });
@@ -86,6 +96,6 @@ export async function run(c: VmCore, a: Action, peerLiveness: PeerLiveness): Pro
   } catch (e) {
     c.log.error(`${a.kind} failed`, { error: errorMessage(e) });
   } finally {
-    c.busy = false;
+    if (--c.actions === 0) c.busy = false;
   }
 }

@@ -28,6 +28,10 @@ export class VmCore {
   lastFailover: FailoverRecord | null = null;
   resync: ResyncProgress | null = null;
   busy = false;
+  /** Actions running (normally 0 or 1; a demote may overlap the action it interrupts). */
+  actions = 0;
+  /** A demote started by the watchdog runs. */
+  demoting = false;
   ticking = false;
   takeoverRequested: string | null = null;
   /** Secondary: a takeover is asking the witness for the lease. */

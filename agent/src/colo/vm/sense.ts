@@ -125,6 +125,8 @@ export async function sense(c: VmCore): Promise<DecideInput | null> {
   if (pv && pv.epoch > dur.epoch) c.d.store.update(c.name, { epoch: pv.epoch });
   const view = c.d.peerView();
   const lease = c.d.gate.lease(c.name);
+  // The witness named a newer epoch another node holds: known from now on (a cold start asks the next one).
+  if (lease.heldEpoch !== undefined && lease.heldEpoch > c.durable().epoch) c.persist({ epoch: lease.heldEpoch });
   const replPath = view.paths.find((x) => x.address === c.d.config.peer.replication_address);
   const msSinceLastCheckpoint = c.state === 'protected' ? c.d.clock.now() - Math.max(c.ckpt.lastAt ?? 0, c.stateSince) : null;
   const stallMs = checkpointStallMs(c.d.config, c.d.vm);
