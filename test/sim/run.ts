@@ -31,7 +31,7 @@ async function scenarios(json: boolean): Promise<number> {
   let bad = 0;
   const out: unknown[] = [];
   for (const sc of SCENARIOS) {
-    for (const seed of [1, 2, 3]) {
+    for (const seed of sc.seeds ?? [1, 2, 3]) {
       const watch = new RegExp([sc.mustLog?.source, sc.mustNotLog?.source].filter(Boolean).join('|') || '$^');
       const r = await runSchedule(seed, sc.faults, { watch });
       const problems: string[] = [];
