@@ -1,4 +1,4 @@
-// The states of one protected VM on one node. Changed only through VmController.setState,
+// The states of one protected VM on one node. Changed only through VmCore.setState (colo/vm/core.ts),
 // which logs `from -> to` with the reason.
 export type VmState =
   | 'stopped'      // no QEMU for this VM on this node

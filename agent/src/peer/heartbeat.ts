@@ -18,7 +18,7 @@ import type { Clock } from '../util/clock.ts';
 import type { Logger } from '../log/logger.ts';
 
 export interface VmSummary {
-  state: string;        // the VM's local state on the sender (see colo/vm.ts VmState)
+  state: string;        // the VM's local state on the sender (see colo/states.ts VmState)
   epoch: number;
   primaryEpoch: number; // epoch of the sender's latest promotion for this VM (0 = never primary)
   qemu: boolean;        // a QEMU process for this VM is alive on the sender
