@@ -149,6 +149,8 @@ test('lifecycle: QEMU resuming a fenced guest by itself (it left COLO) is paused
   c.setState('fenced', 'isolated');
   await sleep(5);
   q.command('cont', {}); // as migration_iteration_finish → vm_start would
-  await sleep(20);
+  // The guard's `stop` is a QMP round trip after the RESUME event: wait for it, not for a fixed
+  // time (CI: with the event loop held > 20 ms by parallel tests, a 20 ms sleep expired first).
+  for (const t0 = Date.now(); q.run !== 'paused' && Date.now() - t0 < 2000;) await sleep(5);
   t.is(q.run, 'paused', 'paused again by the RESUME guard');
 });
