@@ -163,3 +163,11 @@ export function field<T>(body: unknown, name: string, type: 'string' | 'number' 
   if (typeof v !== type || (type === 'number' && !Number.isFinite(v))) throw new HttpError(400, 'BAD_BODY', `field "${name}" must be a ${type}`);
   return v as T;
 }
+
+/** An integer field within [min, max] (epochs: `1e308` is a number too); 400 otherwise. */
+export function intField(body: unknown, name: string, min: number, max: number, required: boolean): number | undefined {
+  const v = field<number>(body, name, 'number', required);
+  if (v === undefined) return undefined;
+  if (!Number.isSafeInteger(v) || v < min || v > max) throw new HttpError(400, 'BAD_BODY', `${name} must be an integer from ${min} to ${max}`);
+  return v;
+}

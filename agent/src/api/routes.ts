@@ -3,18 +3,13 @@
 import type { Agent } from '../agent.ts';
 import { roleOf } from '../colo/states.ts';
 import { OperationRefused, type OperationKind } from '../ops/operations.ts';
-import { field, HttpError, type Ctx, type Reply, type Route } from './http.ts';
-import { isValidEpoch, MAX_EPOCH } from '../witness/lease.ts';
+import { field, HttpError, intField, type Ctx, type Reply, type Route } from './http.ts';
+import { MAX_EPOCH } from '../witness/lease.ts';
 
 const FORWARDED = 'x-ftkvm-forwarded';
 
 /** A peer RPC's epoch: a safe integer within bounds, or the request is refused (400) before it acts. */
-function epochField(b: unknown, required: boolean): number | undefined {
-  const e = field<number>(b, 'epoch', 'number', required);
-  if (e === undefined) return undefined;
-  if (!isValidEpoch(e)) throw new HttpError(400, 'BAD_BODY', `epoch must be an integer from 1 to ${MAX_EPOCH}`);
-  return e;
-}
+const epochField = (b: unknown, required: boolean): number | undefined => intField(b, 'epoch', 1, MAX_EPOCH, required);
 
 function vmOr404(agent: Agent, name: string) {
   const v = agent.vm(name);

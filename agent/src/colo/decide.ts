@@ -90,6 +90,12 @@ export function mustFence(i: Pick<DecideInput, 'state' | 'lease' | 'leaseReason'
   return { kind: 'fence', why: `isolated: peer silent for ${i.peerSilentMs ?? 'ever'} ms and no valid lease (${i.leaseReason})` };
 }
 
+/** A primary whose lease went to another node (newer epoch) stops being primary (decide() and the watchdog). */
+export function mustDemote(i: Pick<DecideInput, 'state' | 'lease' | 'leaseReason'>): Action | null {
+  if (!isPrimaryState(i.state) || i.state === 'starting' || i.state === 'taking-over' || i.lease !== 'lost') return null;
+  return { kind: 'demote', why: `lost the lease: ${i.leaseReason}` };
+}
+
 export function decide(i: DecideInput): Action {
   const fence = mustFence(i);
   if (fence) return fence;
@@ -97,9 +103,8 @@ export function decide(i: DecideInput): Action {
   // even while an operation runs: the lease fencer freezes its QEMU meanwhile, and a protection
   // waiting on that frozen QEMU would otherwise hold the VM down (found by the simulator, seed
   // 4375: a takeover request granted after its client timed out, the guest frozen for good).
-  if (isPrimaryState(i.state) && i.state !== 'starting' && i.state !== 'taking-over' && i.lease === 'lost') {
-    return { kind: 'demote', why: `lost the lease: ${i.leaseReason}` };
-  }
+  const demote = mustDemote(i);
+  if (demote) return demote;
   if (i.busy) return none('an operation is in progress');
   const pv = i.peerVm;
   const peerRuns = i.peer === 'alive' && pv !== undefined && pv.qemu && isPrimaryState(pv.state);

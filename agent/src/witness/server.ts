@@ -14,21 +14,17 @@ import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import { join } from 'node:path';
 import type { Logger } from '../log/logger.ts';
-import { createRouter, field, HttpError, type Route } from '../api/http.ts';
+import { createRouter, field, HttpError, intField, type Route } from '../api/http.ts';
 import { parseHostPort } from '../config/schema.ts';
 import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
-import { isValidEpoch, MAX_EPOCH, MAX_LEASE_MS, MIN_LEASE_MS } from './lease.ts';
+import { MAX_EPOCH, MAX_LEASE_MS, MIN_LEASE_MS } from './lease.ts';
 import { LeaseTable, type StoredLease } from './table.ts';
 
 export interface WitnessOptions { listen: string; dataDir: string; tokenFile: string; log: Logger; now?: () => number }
 
 const VM_NAME = /^[a-z][a-z0-9-]{0,30}$/;
 
-function epochOf(b: unknown): number {
-  const epoch = field<number>(b, 'epoch', 'number', true)!;
-  if (!isValidEpoch(epoch)) throw new HttpError(400, 'BAD_BODY', `epoch must be an integer from 1 to ${MAX_EPOCH}`);
-  return epoch;
-}
+const epochOf = (b: unknown): number => intField(b, 'epoch', 1, MAX_EPOCH, true)!;
 
 export class WitnessServer {
   private readonly o: WitnessOptions;
@@ -66,8 +62,7 @@ export class WitnessServer {
           const b = await ctx.body();
           const node = field<string>(b, 'node', 'string', true)!;
           const epoch = epochOf(b);
-          const leaseMs = field<number>(b, 'leaseMs', 'number', true)!;
-          if (!Number.isInteger(leaseMs) || leaseMs < MIN_LEASE_MS || leaseMs > MAX_LEASE_MS) throw new HttpError(400, 'BAD_BODY', `leaseMs must be an integer from ${MIN_LEASE_MS} to ${MAX_LEASE_MS}`);
+          const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
           const r = this.table.acquire(vm, { node, epoch, leaseMs });
           if (r.changed) this.o.log.info('lease granted', { vm, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
           return { status: r.status, json: r.body };

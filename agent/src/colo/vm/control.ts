@@ -1,14 +1,13 @@
 // The control loop of one VM: the fence watchdog (synchronous, independent of the loop), one
 // control step (sense, decide(), act) and the dispatch of the chosen action to its module.
 import { errorMessage } from '../../util/errors.ts';
-import { decide, mustFence, type Action, type PeerLiveness } from '../decide.ts';
+import { decide, mustDemote, mustFence, type Action, type PeerLiveness } from '../decide.ts';
 import { dropSecondary, handOver, demote } from './actions/drop.ts';
 import { fence, unfence, reclaim } from './actions/fence.ts';
 import { protect } from './actions/protect.ts';
 import { coldStart, bootUnprotected } from './actions/start.ts';
 import { takeover } from './actions/takeover.ts';
 import type { VmCore } from './core.ts';
-import { isPrimaryState } from '../states.ts';
 import { killQemu } from './lifecycle.ts';
 import { checkReplica, sense } from './sense.ts';
 
@@ -25,9 +24,10 @@ export function fenceWatch(c: VmCore): void {
   const lease = c.d.gate.lease(c.name);
   // A lost lease ends the primary role even while a control step is busy with an action (which
   // may wait on a QEMU the lease fencer froze): the same rule as decide(), on this path too.
-  if (lease.state === 'lost' && isPrimaryState(c.state) && c.state !== 'starting' && c.state !== 'taking-over' && !c.demoting) {
+  const demote = c.demoting ? null : mustDemote({ state: c.state, lease: lease.state, leaseReason: lease.reason });
+  if (demote) {
     c.demoting = true;
-    void run(c, { kind: 'demote', why: `lost the lease: ${lease.reason}` }, 'alive').finally(() => { c.demoting = false; });
+    void run(c, demote, 'alive').finally(() => { c.demoting = false; });
     return;
   }
   const a = mustFence({

@@ -53,12 +53,28 @@ export async function cutAndPause(c: VmCore, q: seq.QmpLike, why: string): Promi
 export async function unfence(c: VmCore, why: string): Promise<void> {
   const q = c.qemu?.qmp;
   if (!q) return;
+  await whileUnfencing(c, () => liftFence(c, q, why));
+}
+
+/** unfence() and reclaim() resume the guest on purpose: the RESUME guard must not pause it again. */
+async function whileUnfencing(c: VmCore, f: () => Promise<void>): Promise<void> {
   c.unfencing = true;
   try {
-    await liftFence(c, q, why);
+    await f();
   } finally {
     c.unfencing = false;
   }
+}
+
+/** The end of every way out of a fence: the guest runs, its network is back, it is primary unprotected. */
+async function resumeFenced(c: VmCore, q: seq.QmpLike, why: string, msg: string): Promise<void> {
+  const st = await q.execute<{ running: boolean }>('query-status');
+  if (!st.running) await q.execute('cont');
+  await q.execute('set_link', { name: 'hn0', up: true });
+  c.persist({ fenced: false });
+  c.log.warn(msg, { why, epoch: c.durable().primaryEpoch });
+  c.nextProtectAt = 0;
+  c.setState('standalone', `resumed: ${why}`);
 }
 
 export async function liftFence(c: VmCore, q: seq.QmpLike, why: string): Promise<void> {
@@ -77,13 +93,7 @@ export async function liftFence(c: VmCore, q: seq.QmpLike, why: string): Promise
     }
     await seq.primaryDropSecondary(q, { inColo: true }).catch((e) => c.log.error('leaving COLO while unfencing failed', { error: errorMessage(e) }));
   }
-  const st = await q.execute<{ running: boolean }>('query-status');
-  if (!st.running) await q.execute('cont');
-  await q.execute('set_link', { name: 'hn0', up: true });
-  c.persist({ fenced: false });
-  c.log.warn('fence lifted: guest resumed', { why });
-  c.nextProtectAt = 0;
-  c.setState('standalone', `resumed: ${why}`);
+  await resumeFenced(c, q, why, 'fence lifted: guest resumed');
 }
 
 /**
@@ -104,21 +114,12 @@ export async function reclaim(c: VmCore, why: string): Promise<void> {
     return;
   }
   if (c.state !== 'fenced' || c.d.gate.lease(c.name).state === 'lost') return;
-  c.unfencing = true;
-  try {
+  await whileUnfencing(c, async () => {
     const mig = await q.execute<{ status?: string }>('query-migrate').catch(() => ({ status: 'unknown' }));
     // Leaving COLO resumes the guest (QEMU's vm_start): unfencing is set, the RESUME guard lets it.
     if (mig.status === 'colo' || mig.status === 'unknown') {
       await seq.primaryDropSecondary(q, { inColo: true }).catch((e) => c.log.error('leaving COLO while reclaiming failed', { error: errorMessage(e) }));
     }
-    const st = await q.execute<{ running: boolean }>('query-status');
-    if (!st.running) await q.execute('cont');
-    await q.execute('set_link', { name: 'hn0', up: true });
-    c.persist({ fenced: false });
-    c.log.warn('fence lifted without the witness: the peer released its replica', { why, epoch: c.durable().primaryEpoch });
-    c.nextProtectAt = 0;
-    c.setState('standalone', `resumed: ${why}`);
-  } finally {
-    c.unfencing = false;
-  }
+    await resumeFenced(c, q, why, 'fence lifted without the witness: the peer released its replica');
+  });
 }
