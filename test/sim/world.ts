@@ -167,6 +167,9 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
     const fail = (invariant: Invariant, detail: string) => { if (!violation) violation = { invariant, atMs: Date.now() - NOW0, detail }; };
     const wasServing = new Set<number>();
     const epochs = { A: { epoch: 0, primaryEpoch: 0 }, B: { epoch: 0, primaryEpoch: 0 } };
+    const stored = { A: { epoch: 0, primaryEpoch: 0 }, B: { epoch: 0, primaryEpoch: 0 } };
+    const storedText: Record<'A' | 'B', string | undefined> = { A: undefined, B: undefined };
+    const epochGen: Record<'A' | 'B', SimAgent | null> = { A: null, B: null };
     let grantsSeen = 0, lastGrantEpoch = 0;
     const pausedSince: Record<'A' | 'B', number | null> = { A: null, B: null };
     const pausedHeard: Record<'A' | 'B', number | null> = { A: null, B: null };
@@ -184,8 +187,18 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
           }
         } else if (q) wasServing.delete(q.pid);
         const a = agents[h];
+        // S3 on the node: what is stored never goes back, nor what one agent's life holds in memory
+        // (a write the disk refused is kept in memory only: a host crash may forget it).
+        const text = hosts[h].files.get(`/sim/${h}/state.json`);
+        if (text && text !== storedText[h]) {
+          storedText[h] = text;
+          const d = (JSON.parse(text) as { vms: Record<string, { epoch: number; primaryEpoch: number }> }).vms[VM];
+          if (d && (d.epoch < stored[h].epoch || d.primaryEpoch < stored[h].primaryEpoch)) fail('S3', `${h}'s stored epochs went back: ${JSON.stringify(stored[h])} -> ${d.epoch}/${d.primaryEpoch}`);
+          if (d) stored[h] = { epoch: Math.max(d.epoch, stored[h].epoch), primaryEpoch: Math.max(d.primaryEpoch, stored[h].primaryEpoch) };
+        }
         if (a?.alive) {
           const d = a.store.vm(VM);
+          if (epochGen[h] !== a) { epochGen[h] = a; epochs[h] = { epoch: d.epoch, primaryEpoch: d.primaryEpoch }; }
           if (d.epoch < epochs[h].epoch || d.primaryEpoch < epochs[h].primaryEpoch) fail('S3', `${h}'s epochs went back: ${JSON.stringify(epochs[h])} -> ${d.epoch}/${d.primaryEpoch}`);
           epochs[h] = { epoch: Math.max(d.epoch, epochs[h].epoch), primaryEpoch: Math.max(d.primaryEpoch, epochs[h].primaryEpoch) };
           // L2: a primary's guest kept paused while the node holds the lease.

@@ -122,7 +122,8 @@ export async function sense(c: VmCore): Promise<DecideInput | null> {
   if (c.state === 'fenced' && c.busy) return null;
   const dur = c.durable();
   const pv = c.d.peerView().vms[c.name];
-  if (pv && pv.epoch > dur.epoch) c.d.store.update(c.name, { epoch: pv.epoch });
+  // A refused write must not fail the whole step (the disk full, the controller stuck: seed 6970).
+  if (pv && pv.epoch > dur.epoch) c.persist({ epoch: pv.epoch });
   const view = c.d.peerView();
   const lease = c.d.gate.lease(c.name);
   // The witness named a newer epoch another node holds: known from now on (a cold start asks the next one).

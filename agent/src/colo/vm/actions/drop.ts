@@ -92,6 +92,7 @@ export async function handOver(c: VmCore, why: string): Promise<void> {
 
 export async function demote(c: VmCore, why: string): Promise<void> {
   c.log.error('split brain resolved against this node: discarding its copy of the VM', { why });
-  c.d.store.update(c.name, { role: 'none', fenced: false });
+  // Kept in memory when the disk refuses it: the stale copy must go whatever the disk says.
+  c.persist({ role: 'none', fenced: false });
   await killQemu(c, `stale primary discarded: ${why}`);
 }

@@ -59,7 +59,7 @@ export async function protect(c: VmCore, why: string): Promise<void> {
     c.protectFailures = 0;
     c.lastProtectError = null;
     c.resync = null;
-    c.d.store.update(c.name, { role: 'primary' });
+    c.persist({ role: 'primary' });
     c.setState('protected', `replica on ${c.d.config.peer.name} in sync after ${((c.d.clock.now() - t0) / 1000).toFixed(1)} s (guest paused ${stoppedByUs ? c.d.clock.now() - tStop : 0} ms for the first checkpoint)`);
   } catch (e) {
     const msg = errorMessage(e);
