@@ -85,13 +85,15 @@ export class Agent {
     const c = this.c;
     this.startedAt = this.d.clock.now();
     this.startMono = this.d.clock.mono();
-    this.token = readFileSync(c.api.token_file, 'utf8').trim();
-    if (this.token.length < 16) throw new FtkvmError('TOKEN_WEAK', `${c.api.token_file}: token must be at least 16 characters`);
+    this.token = readSecret(c.api.token_file);
+    // Separate secrets where configured: the pair's heartbeat key, this node's witness token.
+    const heartbeatKey = c.heartbeat.key_file ? readSecret(c.heartbeat.key_file) : this.token;
+    const witnessToken = c.witness.token_file ? readSecret(c.witness.token_file) : null;
     this.probe = await probeQemu(c.qemu.binary, c.qemu.accelerator, c.qemu.env, this.log);
     if (this.probe.problems.length > 0) throw new QemuNotColoCapableError(this.probe);
     this.store = new StateStore(c.state_dir, c.node.name);
     this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness'))
-      : c.witness.url ? new WitnessGate({ url: c.witness.url, node: c.node.name, leaseMs: c.witness.lease_ms, token: () => this.token, clock: this.d.clock, log: this.log.child('witness') })
+      : c.witness.url ? new WitnessGate({ url: c.witness.url, node: c.node.name, leaseMs: c.witness.lease_ms, token: () => witnessToken ?? this.token, clock: this.d.clock, log: this.log.child('witness') })
         : new TwoNodeGate();
     if (this.gate.mode === 'two-node') this.log.warn('two-node mode: no witness; a network partition between the hosts can make both run a VM (split brain)');
     this.peer = new PeerClient({
@@ -102,7 +104,8 @@ export class Agent {
     this.heartbeat = new HeartbeatService({
       node: c.node.name, peer: c.peer.name, peerAddresses: c.peer.addresses, peerPort: peerHeartbeatPort(c),
       listenAddress: c.heartbeat.listen_address, listenPort: c.heartbeat.port,
-      intervalMs: c.heartbeat.interval_ms, timeoutMs: c.heartbeat.timeout_ms, key: this.token,
+      intervalMs: c.heartbeat.interval_ms, timeoutMs: c.heartbeat.timeout_ms, key: heartbeatKey,
+      previousKey: c.heartbeat.previous_key_file ? readSecret(c.heartbeat.previous_key_file) : undefined,
       clock: this.d.clock, log: this.log.child('heartbeat'),
       summaries: () => Object.fromEntries([...this.controllers].map(([n, v]) => [n, v.summary()])),
       onChange: (view) => { if (view.alive) this.heardPeer = true; this.kick(); },
@@ -278,4 +281,11 @@ export class Agent {
   }
 
   peerStateFile() { return this.store.snapshot(); }
+}
+
+/** A token or key file: trimmed, at least 16 characters. */
+function readSecret(file: string): string {
+  const s = readFileSync(file, 'utf8').trim();
+  if (s.length < 16) throw new FtkvmError('TOKEN_WEAK', `${file}: must hold at least 16 characters`);
+  return s;
 }

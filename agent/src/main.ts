@@ -70,7 +70,7 @@ export async function main(argv: string[]): Promise<number> {
   } as const;
   let parsed;
   try {
-    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' } }, allowPositionals: true, strict: true });
+    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' }, credentials: { type: 'string' } }, allowPositionals: true, strict: true });
   } catch (e) {
     process.stderr.write(`ftkvm-agent ${cmd}: ${errorMessage(e)}\n${commandHelp(cmd)}\n`);
     return EXIT.USAGE;
@@ -98,7 +98,11 @@ export async function main(argv: string[]): Promise<number> {
       case 'witness': {
         if (!o.listen) { process.stderr.write(`ftkvm-agent witness: --listen ADDRESS:PORT is required\n${commandHelp('witness')}\n`); return EXIT.USAGE; }
         const log = createLogger({ component: 'witness' });
-        const w = new WitnessServer({ listen: o.listen, dataDir: o['data-dir'] ?? '/var/lib/ftkvm-witness', tokenFile: o['token-file'] ?? '/etc/ftkvm/token', log });
+        const w = new WitnessServer({
+          listen: o.listen, dataDir: o['data-dir'] ?? '/var/lib/ftkvm-witness', log, credentialsFile: o.credentials,
+          // With credentials the token file is an optional read-only token; without, the shared one.
+          tokenFile: o['token-file'] ?? (o.credentials ? undefined : '/etc/ftkvm/token'),
+        });
         try {
           await w.start();
         } catch (e) {
@@ -109,6 +113,8 @@ export async function main(argv: string[]): Promise<number> {
           const stop = () => void w.stop().then(() => resolve(EXIT.OK));
           process.once('SIGTERM', stop);
           process.once('SIGINT', stop);
+          // New credentials without a restart (a restart would hold every lease for one more lease length).
+          process.on('SIGHUP', () => { try { w.reload(); } catch (e) { log.error('reload refused; the previous credentials stay in force', { error: errorMessage(e) }); } });
         });
       }
       case 'fencer': {

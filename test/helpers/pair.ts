@@ -6,6 +6,7 @@ import { execFile, execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { stringify } from 'yaml';
+import { sha256 } from '../../agent/src/witness/credentials.ts';
 import { NetnsTestbed } from './netns.ts';
 import { AGENT_BIN, parseSerial, testGuest } from './guest.ts';
 import { TxnClient } from './traffic.ts';
@@ -19,6 +20,12 @@ export type H = 'A' | 'B';
 export const TCG_SHIM_TRACE_ARGS = ['-trace', 'enable=migration_bitmap_sync_end', '-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'];
 export const other = (h: H): H => (h === 'A' ? 'B' : 'A');
 export const TOKEN = 'test-token-0123456789abcdef';
+export const HEARTBEAT_KEY = 'lab-pair-heartbeat-key-0123456789';
+export const LAB_PAIR = 'lab';
+/** Each host's own token at the witness. */
+export const witnessToken = (h: 'A' | 'B' | 'X') => `witness-token-of-host${h}-0123456789`;
+/** hostX: a node of another pair at the same witness (the tests use its credentials as an intruder's). */
+export const OTHER_PAIR = 'otherpair';
 
 export interface VmSpec { name: string; vcpus?: number; memoryMib?: number; guestIp: number; basePort: number; mac?: string; preferred?: H; extraAppend?: string; probe?: { request?: string; counter?: boolean } }
 export interface CliResult { code: number; stdout: string; stderr: string }
@@ -65,6 +72,9 @@ export class AgentPair {
       const d = this.hostDir(h);
       mkdirSync(join(d, 'images'), { recursive: true });
       writeFileSync(join(d, 'token'), TOKEN + '\n', { mode: 0o600 });
+      // Separate secrets, as the roles provision them: the pair's heartbeat key, each node's witness token.
+      writeFileSync(join(d, 'heartbeat.key'), HEARTBEAT_KEY + '\n', { mode: 0o600 });
+      writeFileSync(join(d, 'witness-token'), witnessToken(h) + '\n', { mode: 0o600 });
       for (const vm of this.o.vms) {
         if (this.o.randomDiskMib) {
           execFileSync('dd', ['if=/dev/urandom', `of=${join(d, 'images', `${vm.name}.img`)}`, 'bs=1M', `count=${this.o.randomDiskMib}`, 'status=none']);
@@ -81,7 +91,7 @@ export class AgentPair {
       const cfg = {
         node: { name: `host${h}`, replication_address: this.tb.addr[h].repl },
         peer,
-        heartbeat: { ...this.o.heartbeat },
+        heartbeat: { key_file: join(d, 'heartbeat.key'), ...this.o.heartbeat },
         api: { listen: `${this.tb.addr[h].mgmt}:7480`, token_file: join(d, 'token') },
         qemu: {
           accelerator: 'tcg', env: { LD_PRELOAD: g.tcgShim },
@@ -90,7 +100,7 @@ export class AgentPair {
         },
         state_dir: this.stateDir(h),
         colo: { checkpoint_delay_ms: this.o.checkpointDelayMs ?? 2000, startup_peer_wait_ms: this.o.startupPeerWaitMs ?? 3000, resync_retry_min_ms: 1000, ...this.o.colo },
-        witness: this.o.witness ? { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: 2000 } : { two_node_mode: true },
+        witness: this.o.witness ? { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: 2000, token_file: join(d, 'witness-token') } : { two_node_mode: true },
         log_level: 'debug',
         vms: this.o.vms.map((v) => ({
           name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
@@ -110,8 +120,19 @@ export class AgentPair {
     const d = join(this.dir, 'W');
     mkdirSync(d, { recursive: true });
     const out = openSync(join(d, 'witness.log'), 'a');
-    this.witnessProc = this.tb.spawnIn('W', AGENT_BIN, ['witness', '--listen', `${this.tb.addr.W.mgmt}:7490`, '--data-dir', d, '--token-file', join(this.hostDir('A'), 'token')], { stdio: ['ignore', out, out] });
+    // Per-node identity, as the roles set it up: the witness knows each host's token by its digest.
+    writeFileSync(join(d, 'credentials.yml'), 'nodes:\n' + (['A', 'B', 'X'] as const).map((h) => `  host${h}: {pair: ${h === 'X' ? OTHER_PAIR : LAB_PAIR}, token_sha256: ${sha256(witnessToken(h))}}\n`).join(''));
+    this.witnessProc = this.tb.spawnIn('W', AGENT_BIN, ['witness', '--listen', `${this.tb.addr.W.mgmt}:7490`, '--data-dir', d, '--credentials', join(d, 'credentials.yml'), '--token-file', join(this.hostDir('A'), 'token')], { stdio: ['ignore', out, out] });
     closeSync(out);
+  }
+
+  /** A call to the lab's witness with a bearer token. */
+  async witnessCall(method: 'GET' | 'POST', path: string, token: string, body?: unknown): Promise<{ status: number; json: any }> {
+    const r = await request(`http://${this.tb.addr.W.mgmt}:7490${path}`, {
+      method, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body), headersTimeout: 5000, bodyTimeout: 5000,
+    });
+    return { status: r.statusCode, json: await r.body.json() };
   }
 
   killWitness(): void { this.witnessProc?.kill('SIGKILL'); this.witnessProc = undefined; }

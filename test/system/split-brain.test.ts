@@ -4,7 +4,7 @@
 // VM is protected again.
 import test, { type ExecutionContext } from 'ava';
 import { withPair, sleep } from '../helpers/system.ts';
-import { waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
+import { TOKEN, waitUntil, witnessToken, type AgentPair, type H } from '../helpers/pair.ts';
 import { PrimaryWatch } from '../helpers/primary-watch.ts';
 import { TxnClient } from '../helpers/traffic.ts';
 import { readFileSync } from 'node:fs';
@@ -21,11 +21,12 @@ interface During {
   resumedWithoutWitness?: { state: string; epoch: number };
 }
 
-async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect: (s: During) => Promise<void>) {
+async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect: (s: During) => Promise<void>, whileProtected?: () => Promise<void>) {
   p.startWitness();
   p.startAgent('A'); p.startAgent('B');
   t.is(await p.waitProtected('vm'), 'A');
   await p.waitGuestService('vm');
+  await whileProtected?.();
   const watch = new PrimaryWatch(p, 'vm');
   await sleep(1000);
   const t0 = Date.now();
@@ -76,13 +77,29 @@ async function partition(t: ExecutionContext, p: AgentPair, reach: Reach, expect
 
 const pairOpts = { vms: [{ name: 'vm', guestIp: 10, basePort: 19000 }], witness: true };
 
-test('partition, witness reachable from both: the primary keeps the lease and runs; the secondary does not take over', async (t) => {
+// Per-node identity at the real witness (issue 12): the peer naming hostA, and a host of another
+// pair taking "vm" with a huge epoch, are refused or kept to their own lease; A keeps running.
+async function intruders(t: ExecutionContext, p: AgentPair): Promise<void> {
+  const lease = async () => { const l = (await p.witnessCall('GET', '/v1/leases/vm?pair=lab', TOKEN)).json; return `${l.pair}/${l.vm}=${l.holder}@${l.epoch}`; };
+  const before = await lease();
+  t.is(before, 'lab/vm=hostA@1');
+  const asA = await p.witnessCall('POST', '/v1/leases/vm/acquire', witnessToken('B'), { node: 'hostA', epoch: 1_000_000_000, leaseMs: 2000 });
+  t.is(asA.status, 403, JSON.stringify(asA.json));
+  const other = await p.witnessCall('POST', '/v1/leases/vm/acquire', witnessToken('X'), { node: 'hostX', epoch: 1_000_000_000, leaseMs: 2000 });
+  t.is(other.status, 200, 'another pair\'s "vm" is its own lease');
+  await sleep(3000); // more than a lease: A renews, and would have demoted had its lease been taken
+  t.is(await lease(), before, 'the lab\'s lease is unchanged');
+  t.is((await p.vmStatus('A', 'vm'))!.state, 'protected');
+  t.is((await p.vmStatus('A', 'vm'))!.epoch, 1);
+}
+
+test('partition, witness reachable from both: the primary keeps the lease and runs; the secondary does not take over; other credentials change nothing', async (t) => {
   t.timeout(300_000);
   await withPair(t, 51, pairOpts, async (p) => {
     const { prim, during } = await partition(t, p, 'both', async (s) => {
       t.is(s.A, 'standalone', 'A goes on alone: it holds the lease');
       t.not(s.B, 'standalone', 'B must not promote itself');
-    });
+    }, () => intruders(t, p));
     t.is(prim, 'A');
   });
 });

@@ -76,6 +76,9 @@ const cases: [string, (s: string) => string, string[]][] = [
   ['witness missing entirely', (s) => s.replace('witness:\n  url: http://192.168.0.254:7490\n', ''), ['/etc/ftkvm/agent.yaml:1:1: witness: required field is missing']],
   ['heartbeat timeout too short for the interval', (s) => s + 'heartbeat:\n  interval_ms: 200\n  timeout_ms: 500\n', ['/etc/ftkvm/agent.yaml:21:15: heartbeat.timeout_ms: must be at least 3 × heartbeat.interval_ms (600) so one lost datagram is not a dead peer']],
   ['token readable by others', (s) => s, ['/etc/ftkvm/agent.yaml:1:1: api.token_file: /etc/ftkvm/token is readable by others (mode 644); run: chmod 600 /etc/ftkvm/token']],
+  ['witness token file missing', (s) => s.replace('url: http://192.168.0.254:7490\n', 'url: http://192.168.0.254:7490\n  token_file: /etc/ftkvm/witness-token\n'), ['/etc/ftkvm/agent.yaml:10:15: witness.token_file: file not found: /etc/ftkvm/witness-token']],
+  ['witness token file in two-node mode', (s) => s.replace('url: http://192.168.0.254:7490\n', 'two_node_mode: true\n  token_file: /etc/ftkvm/token\n'), ['/etc/ftkvm/agent.yaml:10:15: witness.token_file: only used with witness.url']],
+  ['heartbeat key file missing', (s) => s + 'heartbeat:\n  key_file: /etc/ftkvm/heartbeat.key\n', ['/etc/ftkvm/agent.yaml:20:13: heartbeat.key_file: file not found: /etc/ftkvm/heartbeat.key']],
   ['YAML syntax error', (s) => s.replace('vcpus: 2', 'vcpus: [2'), ['/etc/ftkvm/agent.yaml:14:5: YAML syntax: (top level): ']],
 ];
 

@@ -5,19 +5,19 @@ import { memoryLogger } from '../../agent/src/log/logger.ts';
 
 let nextPort = 27000 + (process.pid % 1000) * 4;
 
-function pair(opts: { bAddresses?: string[]; keyB?: string } = {}) {
+function pair(opts: { bAddresses?: string[]; keyB?: string; keyA?: string; previousA?: string; previousB?: string } = {}) {
   const pa = nextPort++, pb = nextPort++;
   const changes: Record<'a' | 'b', { view: PeerView; why: string }[]> = { a: [], b: [] };
-  const mk = (me: 'a' | 'b', port: number, peerPort: number, addresses: string[], key: string) => new HeartbeatService({
+  const mk = (me: 'a' | 'b', port: number, peerPort: number, addresses: string[], key: string, previousKey?: string) => new HeartbeatService({
     node: me === 'a' ? 'hostA' : 'hostB', peer: me === 'a' ? 'hostB' : 'hostA',
     peerAddresses: addresses, peerPort, listenAddress: '127.0.0.1', listenPort: port,
-    intervalMs: 20, timeoutMs: 120, key, clock: systemClock, log: memoryLogger(),
+    intervalMs: 20, timeoutMs: 120, key, previousKey, clock: systemClock, log: memoryLogger(),
     summaries: () => ({ vm1: { state: me === 'a' ? 'protected' : 'secondary', epoch: 3, primaryEpoch: me === 'a' ? 3 : 0, qemu: true } }),
     onChange: (view, why) => changes[me].push({ view, why }),
   });
   // A's view of B: 127.0.0.1 (works) and, optionally, a black-holed documentation address.
-  const a = mk('a', pa, pb, opts.bAddresses ?? ['127.0.0.1', '127.0.0.1'], 'k'.repeat(20));
-  const b = mk('b', pb, pa, ['127.0.0.1', '127.0.0.1'], opts.keyB ?? 'k'.repeat(20));
+  const a = mk('a', pa, pb, opts.bAddresses ?? ['127.0.0.1', '127.0.0.1'], opts.keyA ?? 'k'.repeat(20), opts.previousA);
+  const b = mk('b', pb, pa, ['127.0.0.1', '127.0.0.1'], opts.keyB ?? 'k'.repeat(20), opts.previousB);
   return { a, b, changes };
 }
 
@@ -145,4 +145,27 @@ test('datagrams queued while this agent was stopped are not taken as news', asyn
   t.false(a2.view().alive, 'B is gone: what it said before the restart is no proof');
   t.deepEqual(a2.view().vms, {}, 'nor a summary to act on');
   t.true(a2.stale >= before);
+});
+
+test('a key change one host at a time: the host with the new key and the previous one hears a peer that has only the old key, and back', async (t) => {
+  const OLD = 'o'.repeat(20), NEW = 'n'.repeat(20);
+  // A has changed first (new key, old one as previous); B still runs with the old key only.
+  const first = pair({ keyA: NEW, previousA: OLD, keyB: OLD });
+  await first.a.start(); await first.b.start();
+  await sleep(200);
+  t.true(first.a.view().alive, 'A hears B (old key accepted)');
+  t.true(first.b.view().alive, 'B hears A (A also sends with the old key)');
+  first.a.stop(); first.b.stop();
+  // Then B changes too: both hold the new key; A stops sending the old one once it hears it.
+  const second = pair({ keyA: NEW, previousA: OLD, keyB: NEW, previousB: OLD });
+  await second.a.start(); await second.b.start();
+  t.teardown(() => { second.a.stop(); second.b.stop(); });
+  await sleep(200);
+  t.true(second.a.view().alive && second.b.view().alive);
+  // A third host with only the old key (not a party to the change) is no longer heard by a node without a previous key.
+  const third = pair({ keyA: NEW, keyB: OLD });
+  await third.a.start(); await third.b.start();
+  await sleep(200);
+  t.false(third.a.view().alive, 'the old key alone is refused once previous_key_file is gone');
+  third.a.stop(); third.b.stop();
 });

@@ -21,6 +21,8 @@ export type Access = 'public' | 'read' | 'write';
 
 export interface Ctx {
   req: IncomingMessage;
+  /** Who sent a valid bearer token (RouterOptions.identify's answer; `true` with a single token); null = nobody. */
+  principal: unknown;
   params: Record<string, string>;
   query: URLSearchParams;
   body(): Promise<unknown>;
@@ -38,7 +40,12 @@ export interface Route {
 interface Compiled extends Route { re: RegExp; keys: string[] }
 
 export interface RouterOptions {
-  token: () => string;
+  /** The one bearer token of mutating calls... */
+  token?: () => string;
+  /** ...or who a bearer token belongs to (null = nobody): several credentials, each its own principal. */
+  identify?: (bearer: string) => unknown;
+  /** Where the caller finds its token, named in the 401 answer (default: api.token_file). */
+  tokenHint?: string;
   readAllow?: string[];     // CIDRs; undefined = reads open
   maxBodyBytes: number;
   onError?: (e: unknown, req: IncomingMessage) => void;
@@ -73,12 +80,22 @@ export function ipInCidrs(remote: string, cidrs: string[]): boolean {
   });
 }
 
-function tokenOk(req: IncomingMessage, token: string): boolean {
-  const h = req.headers.authorization ?? '';
-  const m = /^Bearer\s+(.+)$/i.exec(h);
-  if (!m || !token) return false;
-  const a = Buffer.from(m[1]!.trim()), b = Buffer.from(token);
+function bearerOf(req: IncomingMessage): string | null {
+  const m = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? '');
+  return m ? m[1]!.trim() : null;
+}
+
+function tokenOk(bearer: string, token: string): boolean {
+  if (!token) return false;
+  const a = Buffer.from(bearer), b = Buffer.from(token);
   return a.length === b.length && timingSafeEqual(a, b);
+}
+
+function principalOf(req: IncomingMessage, o: RouterOptions): unknown {
+  const bearer = bearerOf(req);
+  if (bearer === null) return null;
+  if (o.identify) return o.identify(bearer) ?? null;
+  return o.token && tokenOk(bearer, o.token()) ? true : null;
 }
 
 function readBody(req: IncomingMessage, limit: number): Promise<unknown> {
@@ -124,9 +141,10 @@ export function createRouter(routes: Route[], o: RouterOptions) {
       if (matches.length === 0) return fail(res, 404, 'NOT_FOUND', `no such endpoint: ${shown}`);
       const route = matches.find((r) => r.method === req.method);
       if (!route) return fail(res, 405, 'METHOD_NOT_ALLOWED', `${req.method} not allowed on ${shown}`, undefined, { allow: [...new Set(matches.map((m) => m.method))].join(', ') });
-      const authed = tokenOk(req, o.token());
+      const principal = principalOf(req, o);
+      const authed = principal !== null;
       if (route.access === 'write' && !authed) {
-        if (!req.headers.authorization) return fail(res, 401, 'UNAUTHENTICATED', 'this endpoint needs "Authorization: Bearer <token>" (token file: api.token_file)', undefined, { 'www-authenticate': 'Bearer' });
+        if (!req.headers.authorization) return fail(res, 401, 'UNAUTHENTICATED', `this endpoint needs "Authorization: Bearer <token>" (token file: ${o.tokenHint ?? 'api.token_file'})`, undefined, { 'www-authenticate': 'Bearer' });
         return fail(res, 403, 'FORBIDDEN', 'invalid bearer token');
       }
       if (route.access === 'read' && !authed && o.readAllow && !ipInCidrs(req.socket.remoteAddress ?? '', o.readAllow)) {
@@ -138,7 +156,7 @@ export function createRouter(routes: Route[], o: RouterOptions) {
         try { params[k] = decodeURIComponent(m[i + 1]!); } catch { return fail(res, 400, 'BAD_PATH', `malformed percent-encoding in ${k}`); }
       }
       let bodyP: Promise<unknown> | undefined;
-      const ctx: Ctx = { req, params, query, body: () => (bodyP ??= readBody(req, o.maxBodyBytes)) };
+      const ctx: Ctx = { req, principal, params, query, body: () => (bodyP ??= readBody(req, o.maxBodyBytes)) };
       if (req.method === 'POST') await ctx.body(); // enforce limits and syntax even when the handler ignores the body
       else req.resume();
       send(res, await route.handler(ctx));

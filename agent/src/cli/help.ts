@@ -45,11 +45,18 @@ last, pause), resync progress and the last failover; plus peer heartbeat paths a
 
 Validates agent.yaml exactly as \`run\` does (schema, addresses, ports, files) and exits 0 or 2.`,
   version: 'Usage: ftkvm-agent version   (or --version)',
-  witness: `Usage: ftkvm-agent witness --listen ADDRESS:PORT [--data-dir /var/lib/ftkvm-witness] [--token-file /etc/ftkvm/token]
+  witness: `Usage: ftkvm-agent witness --listen ADDRESS:PORT [--data-dir /var/lib/ftkvm-witness]
+                           (--credentials FILE [--token-file FILE] | --token-file FILE)
 
 The lease service that decides who may run a VM as primary when the two hosts cannot see
 each other. Run it on a third machine reachable from both hosts' management networks.
-Leases (holder, epoch, expiry) are stored durably in the data directory. Same token as the pair.`,
+Leases (holder, epoch, expiry) are stored durably in the data directory.
+  --credentials FILE  per-node identity (YAML: nodes: {NODE: {pair: PAIR, token_sha256: HEX}}):
+                      each host authenticates with its own token (witness.token_file) and may
+                      take leases only for itself, only for its pair's VMs. SIGHUP reloads it.
+  --token-file FILE   with --credentials: a read-only token (lists every lease); without it:
+                      one token shared by every node (default /etc/ftkvm/token; any holder
+                      can act for any node: labs only)`,
   drill: `Usage: ftkvm-agent drill VM [--wait] [--json] [--config PATH | --url URL]
 
 Fails the VM's current primary QEMU the way a crash would (SIGKILL), lets the secondary take

@@ -172,9 +172,21 @@ export function semanticProblems(c: Config, fs: ConfigFs): ConfigProblem[] {
   // Files
   if (!fs.isExecutable(c.qemu.binary)) add(['qemu', 'binary'], `not an executable file: ${c.qemu.binary}`);
   if (!fs.isExecutable(c.qemu.img_binary)) add(['qemu', 'img_binary'], `not an executable file: ${c.qemu.img_binary}`);
-  const tokenMode = fs.mode(c.api.token_file);
-  if (tokenMode === null) add(['api', 'token_file'], `file not found: ${c.api.token_file}`);
-  else if ((tokenMode & 0o077) !== 0) add(['api', 'token_file'], `${c.api.token_file} is readable by others (mode ${tokenMode.toString(8)}); run: chmod 600 ${c.api.token_file}`);
+  const secret = (path: (string | number)[], file: string) => {
+    const mode = fs.mode(file);
+    if (mode === null) add(path, `file not found: ${file}`);
+    else if ((mode & 0o077) !== 0) add(path, `${file} is readable by others (mode ${mode.toString(8)}); run: chmod 600 ${file}`);
+  };
+  secret(['api', 'token_file'], c.api.token_file);
+  if (c.heartbeat.key_file) secret(['heartbeat', 'key_file'], c.heartbeat.key_file);
+  if (c.heartbeat.previous_key_file) {
+    if (!c.heartbeat.key_file) add(['heartbeat', 'previous_key_file'], 'only used with heartbeat.key_file (the key that replaces it)');
+    else secret(['heartbeat', 'previous_key_file'], c.heartbeat.previous_key_file);
+  }
+  if (c.witness.token_file) {
+    if (!c.witness.url) add(['witness', 'token_file'], 'only used with witness.url');
+    else secret(['witness', 'token_file'], c.witness.token_file);
+  }
   if (c.api.tls) {
     for (const k of ['cert_file', 'key_file', 'ca_file'] as const) {
       const f = c.api.tls[k];

@@ -84,6 +84,11 @@ export const configSchema = z.object({
     listen_address: ip.default('0.0.0.0'),
     interval_ms: ms(10, 5_000).default(100),
     timeout_ms: ms(30, 60_000).default(500),
+    // HMAC key of the heartbeats, the same on both hosts of this pair only (default: api.token_file).
+    key_file: absPath.optional(),
+    // During a key change: the key being replaced, still accepted (and sent to a peer that has
+    // not been heard with key_file yet). Remove once both hosts use key_file.
+    previous_key_file: absPath.optional(),
   }).strict().default({}),
   api: z.object({
     listen: hostPort.default(`0.0.0.0:${DEFAULT_API_PORT}`),
@@ -117,6 +122,9 @@ export const configSchema = z.object({
   witness: z.object({
     url: z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL').optional(),
     lease_ms: ms(500, 600_000).default(1_000),
+    // This node's own token at the witness (its credentials file holds the digest). Default:
+    // api.token_file, for a witness in shared-token mode.
+    token_file: absPath.optional(),
     two_node_mode: z.boolean().default(false),
   }).strict(),
   log_level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),

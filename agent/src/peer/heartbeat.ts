@@ -65,6 +65,12 @@ export interface HeartbeatOptions {
   intervalMs: number;
   timeoutMs: number;
   key: string;
+  /**
+   * A key being replaced (key rotation, or the API token of agents configured before
+   * heartbeat.key_file): also accepted, and used to answer a peer that still signs with it, so
+   * two hosts that change keys one after the other never take each other for dead.
+   */
+  previousKey?: string;
   clock: Clock;
   log: Logger;
   summaries: () => Record<string, VmSummary>;
@@ -117,6 +123,8 @@ export class HeartbeatService {
   private peerVmsAsOf = -Infinity;
   /** The newest ping received from the peer, echoed in our pings. */
   private lastPeerPing: { inst: string; seq: number } | null = null;
+  /** A fresh datagram of the peer was signed with our current key: the previous one is no longer sent. */
+  private peerHasKey = false;
   /** Authentic datagrams ignored because they prove nothing recent (replayed, queued, a past life). */
   stale = 0;
   private wasAlive = false;
@@ -146,14 +154,24 @@ export class HeartbeatService {
     this.sock = undefined;
   }
 
-  private mac(body: string): string {
-    return createHmac('sha256', this.o.key).update(body).digest('base64url');
+  private mac(body: string, key = this.o.key): string {
+    return createHmac('sha256', key).update(body).digest('base64url');
+  }
+
+  /** The key that signed `mac`, or null (constant-time comparisons). */
+  private keyOf(mac: string, body: string): string | null {
+    for (const key of this.o.previousKey ? [this.o.key, this.o.previousKey] : [this.o.key]) {
+      const want = this.mac(body, key);
+      if (mac.length === want.length && timingSafeEqual(Buffer.from(mac), Buffer.from(want))) return key;
+    }
+    return null;
   }
 
   private send(msg: HeartbeatMessage, address: string, port: number): void {
     const body = JSON.stringify(msg);
-    const buf = Buffer.from(`${this.mac(body)} ${body}`);
-    this.sock?.send(buf, port, address);
+    this.sock?.send(Buffer.from(`${this.mac(body)} ${body}`), port, address);
+    // A peer that may still know only the previous key gets a copy signed with it.
+    if (this.o.previousKey && !this.peerHasKey) this.sock?.send(Buffer.from(`${this.mac(body, this.o.previousKey)} ${body}`), port, address);
   }
 
   private tick(): void {
@@ -173,8 +191,8 @@ export class HeartbeatService {
     const sp = s.indexOf(' ');
     if (sp < 0) { this.reject(address, port, 'not a heartbeat'); return; }
     const mac = s.slice(0, sp), body = s.slice(sp + 1);
-    const want = this.mac(body);
-    if (mac.length !== want.length || !timingSafeEqual(Buffer.from(mac), Buffer.from(want))) { this.reject(address, port, 'bad HMAC (another token?)'); return; }
+    const key = this.keyOf(mac, body);
+    if (key === null) { this.reject(address, port, 'bad HMAC (another heartbeat key?)'); return; }
     let msg: HeartbeatMessage;
     try { msg = JSON.parse(body) as HeartbeatMessage; } catch { this.reject(address, port, 'not JSON'); return; }
     if (msg.v !== 2) { this.reject(address, port, `heartbeat format v${String(msg.v)}, this agent speaks v2 (upgrade both hosts)`); return; }
@@ -187,6 +205,10 @@ export class HeartbeatService {
     }
     const asOf = msg.echo && msg.echo.inst === this.instance ? this.pingSentAt.get(msg.echo.seq) : undefined;
     if (asOf === undefined) { this.stale++; return; }
+    if (key === this.o.key && this.o.previousKey && !this.peerHasKey) {
+      this.peerHasKey = true;
+      this.o.log.info('the peer signs with the current heartbeat key: the previous key is no longer sent (remove heartbeat.previous_key_file once both hosts have it)', { peer: this.o.peer });
+    }
     const now = this.o.clock.mono();
     this.lastHeard = Math.max(this.lastHeard ?? -Infinity, asOf);
     if (asOf >= this.peerVmsAsOf) { this.peerVms = msg.vms ?? {}; this.peerVmsAsOf = asOf; }

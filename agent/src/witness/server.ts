@@ -1,28 +1,42 @@
 // `ftkvm-agent witness`: the tiny lease service on a third machine. It decides who may run a
 // VM as primary when the two hosts cannot see each other. Protocol (JSON over HTTP, bearer
-// token on every call but /health):
+// token on every call but /health). With a credentials file (credentials.ts) each host's token
+// names its node and pair: `node` must be that node (or left out), and {vm} is a VM of that
+// pair; without one, a single shared token may act for any node and leases are keyed by VM.
 //   POST /v1/leases/{vm}/acquire {node, epoch, leaseMs}
 //        200 {granted: true, holder, epoch, expiresInMs}
 //        409 {granted: false, holder, epoch, expiresInMs, reason, retryAfterMs}
 //   POST /v1/leases/{vm}/release {node, epoch}   the holder gives it up now (its QEMU is gone)
 //        200 {released: true}   409 {released: false, reason}
-//   GET  /v1/leases            all leases;   GET /v1/leases/{vm}   one lease (404 if none)
-//   GET  /health               200 {ok: true, leases: N}
+//   GET  /v1/leases            the caller's pair's leases (the reader token: all, with `pair`)
+//   GET  /v1/leases/{vm}[?pair=P]   one lease (404 if none)
+//   GET  /health               200 {ok: true, leases: N, auth: per-node|shared-token}
 // A new holder or epoch is written to disk (temp file, fsync, rename) before it is answered; a
 // renewal is not (table.ts). Expiries run on the monotonic clock.
+import { timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import { join } from 'node:path';
 import type { Logger } from '../log/logger.ts';
-import { createRouter, field, HttpError, intField, type Route } from '../api/http.ts';
+import { createRouter, field, HttpError, intField, type Ctx, type Route } from '../api/http.ts';
 import { parseHostPort } from '../config/schema.ts';
 import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
 import { MAX_EPOCH, MAX_LEASE_MS, MIN_LEASE_MS } from './lease.ts';
 import { LeaseTable, type StoredLease } from './table.ts';
+import { Credentials, type Principal } from './credentials.ts';
 
-export interface WitnessOptions { listen: string; dataDir: string; tokenFile: string; log: Logger; now?: () => number }
+export interface WitnessOptions {
+  listen: string; dataDir: string; log: Logger; now?: () => number;
+  /** Per-node credentials (credentials.ts); reloaded on reload(). */
+  credentialsFile?: string;
+  /** Without credentialsFile: the one token of every node. With it: a read-only token (optional). */
+  tokenFile?: string;
+}
 
 const VM_NAME = /^[a-z][a-z0-9-]{0,30}$/;
+const PAIR_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
+const safeEqual = (a: string, b: string) => { const x = Buffer.from(a), y = Buffer.from(b); return x.length === y.length && timingSafeEqual(x, y); };
 
 const epochOf = (b: unknown): number => intField(b, 'epoch', 1, MAX_EPOCH, true)!;
 
@@ -31,7 +45,8 @@ export class WitnessServer {
   private readonly file: string;
   readonly table: LeaseTable;
   private server: Server | undefined;
-  private token = '';
+  private identify: (bearer: string) => Principal | null = () => null;
+  private auth: 'per-node' | 'shared-token' = 'shared-token';
 
   constructor(o: WitnessOptions) {
     this.o = o;
@@ -44,15 +59,40 @@ export class WitnessServer {
 
   private routes(): Route[] {
     const vmOf = (name: string | undefined) => { if (!name || !VM_NAME.test(name)) throw new HttpError(400, 'BAD_VM', 'invalid VM name'); return name; };
+    const who = (ctx: Ctx) => ctx.principal as Principal;
+    // The lease a mutating call may touch: its own pair's VM, acting for its own node.
+    const scope = (ctx: Ctx, vm: string, b: unknown): { key: string; node: string } => {
+      const p = who(ctx);
+      if (p.kind === 'reader') throw new HttpError(403, 'READ_ONLY', 'this token reads leases; acquiring or releasing one needs the node\'s own token (witness.token_file)');
+      const node = field<string>(b, 'node', 'string', p.kind === 'shared');
+      if (p.kind === 'shared') return { key: vm, node: node! };
+      if (node !== undefined && node !== p.node) throw new HttpError(403, 'NOT_YOUR_NODE', `this token is ${p.node}'s (pair ${p.pair}); it cannot act for ${node}`);
+      return { key: `${p.pair}/${vm}`, node: p.node };
+    };
+    const shown = (v: NonNullable<ReturnType<LeaseTable['view']>>) => {
+      const i = v.vm.indexOf('/');
+      return i < 0 ? v : { ...v, pair: v.vm.slice(0, i), vm: v.vm.slice(i + 1) };
+    };
     return [
-      { method: 'GET', path: '/health', access: 'public', handler: () => ({ json: { ok: true, leases: this.table.size } }) },
-      { method: 'GET', path: '/v1/leases', access: 'write', handler: () => ({ json: this.table.list() }) },
+      { method: 'GET', path: '/health', access: 'public', handler: () => ({ json: { ok: true, leases: this.table.size, auth: this.auth } }) },
+      {
+        method: 'GET', path: '/v1/leases', access: 'write',
+        handler: (ctx) => {
+          const p = who(ctx);
+          const all = this.table.list();
+          return { json: (p.kind === 'node' ? all.filter((l) => l.vm.startsWith(`${p.pair}/`)) : all).map(shown) };
+        },
+      },
       {
         method: 'GET', path: '/v1/leases/:vm', access: 'write',
         handler: (ctx) => {
-          const l = this.table.view(ctx.params.vm!);
-          if (!l) throw new HttpError(404, 'NO_LEASE', `no lease for ${ctx.params.vm}`);
-          return { json: l };
+          const p = who(ctx);
+          const vm = vmOf(ctx.params.vm);
+          const pair = p.kind === 'node' ? p.pair : ctx.query.get('pair');
+          if (pair !== null && !PAIR_NAME.test(pair)) throw new HttpError(400, 'BAD_PAIR', 'invalid pair name');
+          const l = this.table.view(pair === null ? vm : `${pair}/${vm}`);
+          if (!l) throw new HttpError(404, 'NO_LEASE', `no lease for ${vm}${pair === null ? '' : ` of pair ${pair}`}`);
+          return { json: shown(l) };
         },
       },
       {
@@ -60,11 +100,11 @@ export class WitnessServer {
         handler: async (ctx) => {
           const vm = vmOf(ctx.params.vm);
           const b = await ctx.body();
-          const node = field<string>(b, 'node', 'string', true)!;
+          const { key, node } = scope(ctx, vm, b);
           const epoch = epochOf(b);
           const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
-          const r = this.table.acquire(vm, { node, epoch, leaseMs });
-          if (r.changed) this.o.log.info('lease granted', { vm, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
+          const r = this.table.acquire(key, { node, epoch, leaseMs });
+          if (r.changed) this.o.log.info('lease granted', { lease: key, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
           return { status: r.status, json: r.body };
         },
       },
@@ -73,19 +113,49 @@ export class WitnessServer {
         handler: async (ctx) => {
           const vm = vmOf(ctx.params.vm);
           const b = await ctx.body();
-          const node = field<string>(b, 'node', 'string', true)!;
+          const { key, node } = scope(ctx, vm, b);
           const epoch = epochOf(b);
-          const r = this.table.release(vm, { node, epoch });
-          if (r.body.released) this.o.log.info('lease released by its holder', { vm, holder: node, epoch });
+          const r = this.table.release(key, { node, epoch });
+          if (r.body.released) this.o.log.info('lease released by its holder', { lease: key, holder: node, epoch });
           return { status: r.status, json: r.body };
         },
       },
     ];
   }
 
+  /** (Re)reads the credentials and token; on any error keeps what it had and throws (nothing half-applied). */
+  reload(): void {
+    const token = this.o.tokenFile ? readFileSync(this.o.tokenFile, 'utf8').trim() : null;
+    if (token !== null && token.length < 16) throw new HttpError(400, 'TOKEN_WEAK', `${this.o.tokenFile}: token must be at least 16 characters`);
+    if (this.o.credentialsFile) {
+      const creds = Credentials.load(this.o.credentialsFile);
+      if (token !== null) creds.withReader(token);
+      this.identify = (bearer) => creds.identify(bearer);
+      this.auth = 'per-node';
+      // Leases stored by an earlier shared-token witness: file them under their holder's pair.
+      for (const key of this.table.keys()) {
+        const pair = key.includes('/') ? null : creds.pairOf(this.table.view(key)!.holder);
+        if (pair && this.table.rekey(key, `${pair}/${key}`)) this.o.log.info('lease filed under its holder\'s pair', { lease: `${pair}/${key}` });
+      }
+      this.o.log.info('credentials loaded', { file: this.o.credentialsFile, nodes: creds.nodes, pairs: creds.pairs, readerToken: token !== null });
+      return;
+    }
+    if (token === null) throw new HttpError(400, 'NO_CREDENTIALS', 'give --credentials FILE (one token per node) or --token-file FILE (one shared token)');
+    const shared: Principal = { kind: 'shared' };
+    this.identify = (bearer) => (safeEqual(bearer, token) ? shared : null);
+    this.auth = 'shared-token';
+    // Leases stored by a per-node witness: back under the VM name, where that name is unique.
+    const keys = this.table.keys();
+    for (const key of keys) {
+      const vm = key.slice(key.indexOf('/') + 1);
+      if (key.includes('/') && keys.filter((k) => k.endsWith(`/${vm}`)).length === 1 && this.table.rekey(key, vm)) this.o.log.info('lease filed under its VM name (shared-token mode)', { lease: vm, was: key });
+    }
+    this.o.log.warn('shared-token mode: whoever holds the token can take any VM\'s lease for any node; give --credentials for per-node identity');
+  }
+
   async start(): Promise<void> {
-    this.token = readFileSync(this.o.tokenFile, 'utf8').trim();
-    const handler = createRouter(this.routes(), { token: () => this.token, maxBodyBytes: 4096, onError: (e) => this.o.log.error('witness error', { error: String(e) }) });
+    this.reload();
+    const handler = createRouter(this.routes(), { identify: (b) => this.identify(b), tokenHint: 'witness.token_file', maxBodyBytes: 4096, onError: (e) => this.o.log.error('witness error', { error: String(e) }) });
     const hp = parseHostPort(this.o.listen);
     if (!hp) throw new HttpError(400, 'BAD_LISTEN', `--listen must be ADDRESS:PORT with an IP address, got "${this.o.listen}"`);
     this.server = createServer((q, s) => void handler(q, s));
@@ -93,7 +163,7 @@ export class WitnessServer {
       this.server!.once('error', reject);
       this.server!.listen(hp.port, hp.host, () => resolve());
     });
-    this.o.log.info('witness listening', { listen: this.o.listen, leases: this.table.size, dataDir: this.o.dataDir });
+    this.o.log.info('witness listening', { listen: this.o.listen, leases: this.table.size, dataDir: this.o.dataDir, auth: this.auth });
   }
 
   async stop(): Promise<void> {

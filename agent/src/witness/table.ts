@@ -59,6 +59,27 @@ export class LeaseTable {
     return { status: 200, body: { released: true } };
   }
 
+  /** Keys of every lease (the server scopes them by pair). */
+  keys(): string[] { return [...this.leases.keys()]; }
+
+  /**
+   * Moves a lease to another key, durably, keeping its holder, epoch and expiry: a witness that
+   * changes how it keys leases (shared token <-> per-node credentials) must not forget a lease
+   * that is still running, or it could grant the VM to the other host while the holder runs it.
+   */
+  rekey(from: string, to: string): boolean {
+    const l = this.leases.get(from);
+    if (!l || this.leases.has(to)) return false;
+    const next = this.stored();
+    delete next[from];
+    next[to] = { holder: l.holder, epoch: l.epoch, leaseMs: l.leaseMs, grantedAt: l.grantedAt };
+    this.medium.save(next);
+    this.writes++;
+    this.leases.delete(from);
+    this.leases.set(to, l);
+    return true;
+  }
+
   view(vm: string): { vm: string; holder: string; epoch: number; expiresInMs: number; leaseMs: number } | null {
     const l = this.leases.get(vm);
     return l ? { vm, holder: l.holder, epoch: l.epoch, expiresInMs: Math.max(0, Math.round(l.expiresAt - this.now())), leaseMs: l.leaseMs } : null;

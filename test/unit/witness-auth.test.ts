@@ -1,0 +1,141 @@
+// Per-node identity at the witness: a real WitnessServer over HTTP on localhost, with a
+// credentials file. Every refusal is checked to change nothing (the leases read back after it).
+import test from 'ava';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { request } from 'undici';
+import { WitnessServer } from '../../agent/src/witness/server.ts';
+import { sha256 } from '../../agent/src/witness/credentials.ts';
+import { memoryLogger } from '../../agent/src/log/logger.ts';
+import { WitnessGate } from '../../agent/src/witness/client.ts';
+import { systemClock, sleep } from '../../agent/src/util/clock.ts';
+
+let nextPort = 31000 + (process.pid % 1000) * 3;
+const tok = (n: string) => `token-of-${n}-`.padEnd(40, 'x');
+const READER = 'r'.repeat(32);
+const NODES = { hostA: 'p1', hostB: 'p1', hostC: 'p2', hostD: 'p2' } as const;
+
+function credentials(dir: string, nodes: Record<string, string> = NODES, extra = ''): string {
+  const f = join(dir, 'credentials.yml');
+  writeFileSync(f, 'nodes:\n' + Object.entries(nodes).map(([n, p]) => `  ${n}: {pair: ${p}, token_sha256: ${sha256(tok(n))}}\n`).join('') + extra);
+  return f;
+}
+
+async function witness(o: { dir?: string; shared?: boolean } = {}) {
+  const dir = o.dir ?? mkdtempSync(join(tmpdir(), 'ftkvm-wa-'));
+  writeFileSync(join(dir, 'reader'), READER, { mode: 0o600 });
+  const port = nextPort++;
+  const log = memoryLogger();
+  const w = new WitnessServer(o.shared
+    ? { listen: `127.0.0.1:${port}`, dataDir: dir, tokenFile: join(dir, 'reader'), log }
+    : { listen: `127.0.0.1:${port}`, dataDir: dir, credentialsFile: credentials(dir), tokenFile: join(dir, 'reader'), log });
+  await w.start();
+  const call = async (method: 'GET' | 'POST', path: string, token: string | null, body?: unknown) => {
+    const r = await request(`http://127.0.0.1:${port}${path}`, {
+      method, headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    return { status: r.statusCode, json: (await r.body.json()) as any };
+  };
+  // Who holds what (expiresInMs left out: it runs down between two reads).
+  const all = async () => ((await call('GET', '/v1/leases', READER)).json as { pair?: string; vm: string; holder: string; epoch: number; leaseMs: number }[])
+    .map(({ pair, vm, holder, epoch, leaseMs }) => ({ pair, vm, holder, epoch, leaseMs }));
+  return { w, dir, port, call, all, log };
+}
+
+const acquire = (node: string, epoch: number) => ({ node, epoch, leaseMs: 2000 });
+
+test('leases are keyed by pair and VM: two pairs run a VM of the same name side by side', async (t) => {
+  const { w, call, all } = await witness();
+  t.teardown(() => w.stop());
+  t.is((await call('POST', '/v1/leases/web1/acquire', tok('hostA'), acquire('hostA', 1))).status, 200);
+  t.is((await call('POST', '/v1/leases/web1/acquire', tok('hostC'), acquire('hostC', 1))).status, 200, 'the other pair\'s web1 is another lease');
+  t.deepEqual((await all()).map((l) => `${l.pair}/${l.vm}=${l.holder}@${l.epoch}`).sort(), ['p1/web1=hostA@1', 'p2/web1=hostC@1']);
+  const mine = await call('GET', '/v1/leases', tok('hostD'));
+  t.deepEqual(mine.json.map((l: any) => `${l.pair}/${l.vm}`), ['p2/web1'], 'a node lists its own pair\'s leases only');
+  t.is((await call('GET', '/v1/leases/web1', tok('hostB'))).json.holder, 'hostA');
+  t.is((await call('GET', '/health', null)).json.auth, 'per-node');
+});
+
+test('a node cannot act for another node, nor touch another pair\'s VM; refusals change nothing', async (t) => {
+  const { w, call, all } = await witness();
+  t.teardown(() => w.stop());
+  await call('POST', '/v1/leases/web1/acquire', tok('hostA'), acquire('hostA', 3));
+  const before = await all();
+  // hostB (same pair) names hostA with a huge epoch: the attack of the issue (hostA would demote).
+  const asOther = await call('POST', '/v1/leases/web1/acquire', tok('hostB'), acquire('hostA', 1_000_000_000));
+  t.is(asOther.status, 403);
+  t.is(asOther.json.error.code, 'NOT_YOUR_NODE');
+  const relOther = await call('POST', '/v1/leases/web1/release', tok('hostB'), { node: 'hostA', epoch: 3 });
+  t.is(relOther.status, 403);
+  // hostC (another pair) with a huge epoch under its own name: only its own pair's web1 moves.
+  t.is((await call('POST', '/v1/leases/web1/acquire', tok('hostC'), { epoch: 1_000_000_000, leaseMs: 2000 })).status, 200);
+  const after = await all();
+  t.deepEqual(after.filter((l) => l.pair === 'p1'), before, 'pair p1 untouched');
+  // hostA still renews its lease at its epoch.
+  t.is((await call('POST', '/v1/leases/web1/acquire', tok('hostA'), acquire('hostA', 3))).status, 200);
+  // The reader token reads but cannot take a lease; an unknown token and no token are refused.
+  const r = await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 4));
+  t.is(r.status, 403);
+  t.is(r.json.error.code, 'READ_ONLY');
+  t.is((await call('POST', '/v1/leases/web1/acquire', 'x'.repeat(40), acquire('hostA', 4))).status, 403);
+  t.is((await call('POST', '/v1/leases/web1/acquire', null, acquire('hostA', 4))).status, 401);
+  t.is((await call('GET', '/v1/leases', 'x'.repeat(40))).status, 403);
+  t.deepEqual((await all()).find((l) => l.pair === 'p1')?.epoch, 3);
+});
+
+test('the agent\'s witness client works with its own token and is refused with another node\'s', async (t) => {
+  const { w, port, all } = await witness();
+  const url = `http://127.0.0.1:${port}`;
+  const mine = new WitnessGate({ url, node: 'hostA', leaseMs: 1000, token: () => tok('hostA'), clock: systemClock, log: memoryLogger() });
+  const stolen = new WitnessGate({ url, node: 'hostA', leaseMs: 1000, token: () => tok('hostD'), clock: systemClock, log: memoryLogger() });
+  t.teardown(async () => { mine.stop(); stolen.stop(); await w.stop(); });
+  t.true((await mine.acquire('web1', 1, 'test')).granted);
+  t.false((await stolen.acquire('web1', 2, 'test')).granted, 'another pair\'s host using hostA\'s name is refused');
+  await sleep(50);
+  t.deepEqual((await all()).map((l) => `${l.pair}/${l.vm}=${l.holder}@${l.epoch}`), ['p1/web1=hostA@1']);
+});
+
+test('credentials files are checked whole: bad digests and shared tokens are refused with the line', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'ftkvm-wa-'));
+  const cases: [string, RegExp][] = [
+    ['nodes:\n  hostA: {pair: p1, token_sha256: abc}\n', /nodes\.hostA\.token_sha256: must be the SHA-256/],
+    [`nodes:\n  hostA: {pair: p1, token_sha256: ${sha256('a'.repeat(20))}}\n  hostB: {pair: p1, token_sha256: ${sha256('a'.repeat(20))}}\n`, /hostA and hostB have the same token/],
+    [`nodes:\n  hostA: {pair: "p 1", token_sha256: ${sha256('a'.repeat(20))}}\n`, /nodes\.hostA\.pair/],
+    [`nodes:\n  hostA: {pair: p1, token_sha256: ${sha256(READER)}}\n`, /also a node's token/],
+    ['nodes: [', /credentials\.yml/],
+  ];
+  for (const [text, re] of cases) {
+    writeFileSync(join(dir, 'credentials.yml'), text);
+    writeFileSync(join(dir, 'reader'), READER, { mode: 0o600 });
+    const w = new WitnessServer({ listen: `127.0.0.1:${nextPort++}`, dataDir: dir, credentialsFile: join(dir, 'credentials.yml'), tokenFile: join(dir, 'reader'), log: memoryLogger() });
+    await t.throwsAsync(() => w.start(), { message: re }, text);
+  }
+});
+
+test('a reload with a broken file keeps the credentials in force; a good one takes effect at once', async (t) => {
+  const { w, dir, call } = await witness();
+  t.teardown(() => w.stop());
+  writeFileSync(join(dir, 'credentials.yml'), 'nodes: {hostA: {pair: p1}}\n');
+  t.throws(() => w.reload(), { message: /token_sha256/ });
+  t.is((await call('POST', '/v1/leases/web1/acquire', tok('hostA'), acquire('hostA', 1))).status, 200, 'old credentials still in force');
+  credentials(dir, { hostA: 'p1' }); // hostB removed
+  w.reload();
+  t.is((await call('POST', '/v1/leases/web1/acquire', tok('hostB'), acquire('hostB', 2))).status, 403);
+});
+
+test('switching a witness from a shared token to per-node credentials keeps running leases', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'ftkvm-wa-'));
+  const shared = await witness({ dir, shared: true });
+  t.is((await shared.call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 5))).status, 200);
+  await shared.w.stop();
+  const perNode = await witness({ dir });
+  t.teardown(() => perNode.w.stop());
+  // hostB must not get web1 while hostA's lease may still run: the lease moved to p1/web1.
+  const b = await perNode.call('POST', '/v1/leases/web1/acquire', tok('hostB'), acquire('hostB', 6));
+  t.is(b.status, 409);
+  t.is(b.json.holder, 'hostA');
+  t.deepEqual((await perNode.all()).map((l) => `${l.pair}/${l.vm}=${l.holder}@${l.epoch}`), ['p1/web1=hostA@5']);
+  t.true(JSON.parse(readFileSync(join(dir, 'leases.json'), 'utf8'))['p1/web1'] !== undefined, 'stored under the new key');
+});
