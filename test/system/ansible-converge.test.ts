@@ -10,6 +10,8 @@ import { execFileSync } from 'node:child_process';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createHash } from 'node:crypto';
+import { parse } from 'yaml';
 import { AGENT_BIN, ROOT, testGuest } from '../helpers/guest.ts';
 import { writeLabInventory, SHIM_IN_HOST } from '../helpers/lab-inventory.ts';
 import { NspawnLab, type PlaybookRun } from '../helpers/nspawn.ts';
@@ -158,7 +160,21 @@ step('site.yml converges the witness and the pair', 6 * 60_000, async (t) => {
   t.regex(await lab.exec('W', 'firewall-cmd --list-ports'), /7490\/tcp/);
   const wshow = await lab.exec('W', 'systemctl show ftkvm-witness -p ProtectSystem -p ExecStart');
   t.regex(wshow, /ProtectSystem=strict/);
-  t.regex(wshow, /witness --listen 0\.0\.0\.0:7490 --data-dir \/var\/lib\/ftkvm-witness --token-file \/etc\/ftkvm\/token/);
+  t.regex(wshow, /witness --listen 0\.0\.0\.0:7490 --data-dir \/var\/lib\/ftkvm-witness --token-file \/etc\/ftkvm\/token --credentials \/etc\/ftkvm\/witness-credentials\.yml/);
+  // Per-node identity: each host its own witness token, the witness only their digests with the
+  // node and pair; the pair's heartbeat key on both hosts of the pair.
+  const own = await Promise.all((['A', 'B'] as const).map((h) => lab.exec(h, 'cat /etc/ftkvm/witness-token')));
+  t.is(new Set(own).size, 2, 'two hosts, two witness tokens');
+  for (const h of ['A', 'B'] as const) t.is((await lab.exec(h, 'stat -c %a /etc/ftkvm/witness-token /etc/ftkvm/heartbeat.key')).trim().split(/\s+/).join(' '), '600 600');
+  const creds = parse(await lab.exec('W', 'cat /etc/ftkvm/witness-credentials.yml')) as { nodes: Record<string, { pair: string; token_sha256: string }> };
+  t.deepEqual(Object.keys(creds.nodes).sort(), ['hostA', 'hostB']);
+  t.is(creds.nodes.hostA!.token_sha256, createHash('sha256').update(own[0]!.trim()).digest('hex'));
+  t.is(creds.nodes.hostB!.pair, creds.nodes.hostA!.pair);
+  t.false((await lab.exec('W', 'cat /etc/ftkvm/witness-credentials.yml')).includes(own[0]!.trim()), 'no token on the witness');
+  const keys = await Promise.all((['A', 'B'] as const).map((h) => lab.exec(h, 'cat /etc/ftkvm/heartbeat.key')));
+  t.is(keys[0], keys[1], 'one heartbeat key for the pair');
+  t.not(keys[0], tokens[0], 'the heartbeat key is not the API token');
+  t.regex(await lab.exec('W', 'journalctl -u ftkvm-witness -o cat --no-pager'), /credentials loaded .*nodes=2/);
   // the hosts reach the witness through its firewall
   t.is((await lab.sh('A', `python3 -c 'import urllib.request; print(urllib.request.urlopen("http://${lab.mgmt.W}:7490/health", timeout=5).status)'`)).stdout.trim(), '200');
   t.log(`site.yml (first run): ${r.seconds.toFixed(1)} s, ${recapSummary(r)}`);

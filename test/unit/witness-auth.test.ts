@@ -79,6 +79,10 @@ test('a node cannot act for another node, nor touch another pair\'s VM; refusals
   const r = await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 4));
   t.is(r.status, 403);
   t.is(r.json.error.code, 'READ_ONLY');
+  // ...but it may extend hostA's running lease at its epoch (agents not yet given their own token).
+  t.is((await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 3))).status, 200);
+  t.is((await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostB', 3))).status, 403, 'not for another holder');
+  t.is((await call('POST', '/v1/leases/web1/release', READER, { node: 'hostA', epoch: 3 })).status, 403, 'never a release');
   t.is((await call('POST', '/v1/leases/web1/acquire', 'x'.repeat(40), acquire('hostA', 4))).status, 403);
   t.is((await call('POST', '/v1/leases/web1/acquire', null, acquire('hostA', 4))).status, 401);
   t.is((await call('GET', '/v1/leases', 'x'.repeat(40))).status, 403);

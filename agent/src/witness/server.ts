@@ -8,6 +8,8 @@
 //        409 {granted: false, holder, epoch, expiresInMs, reason, retryAfterMs}
 //   POST /v1/leases/{vm}/release {node, epoch}   the holder gives it up now (its QEMU is gone)
 //        200 {released: true}   409 {released: false, reason}
+// The --token-file token next to credentials reads every lease and may only extend a lease its
+// holder holds now at its epoch (agents not yet given their own token keep running).
 //   GET  /v1/leases            the caller's pair's leases (the reader token: all, with `pair`)
 //   GET  /v1/leases/{vm}[?pair=P]   one lease (404 if none)
 //   GET  /health               200 {ok: true, leases: N, auth: per-node|shared-token}
@@ -47,6 +49,7 @@ export class WitnessServer {
   private server: Server | undefined;
   private identify: (bearer: string) => Principal | null = () => null;
   private auth: 'per-node' | 'shared-token' = 'shared-token';
+  private pairOf: (node: string) => string | null = () => null;
 
   constructor(o: WitnessOptions) {
     this.o = o;
@@ -61,11 +64,20 @@ export class WitnessServer {
     const vmOf = (name: string | undefined) => { if (!name || !VM_NAME.test(name)) throw new HttpError(400, 'BAD_VM', 'invalid VM name'); return name; };
     const who = (ctx: Ctx) => ctx.principal as Principal;
     // The lease a mutating call may touch: its own pair's VM, acting for its own node.
-    const scope = (ctx: Ctx, vm: string, b: unknown): { key: string; node: string } => {
+    const readOnly = () => new HttpError(403, 'READ_ONLY', 'this token reads leases; taking or releasing one needs the node\'s own token (witness.token_file)');
+    const scope = (ctx: Ctx, vm: string, b: unknown, op: 'acquire' | 'release'): { key: string; node: string } => {
       const p = who(ctx);
-      if (p.kind === 'reader') throw new HttpError(403, 'READ_ONLY', 'this token reads leases; acquiring or releasing one needs the node\'s own token (witness.token_file)');
-      const node = field<string>(b, 'node', 'string', p.kind === 'shared');
+      if (p.kind === 'reader' && op === 'release') throw readOnly();
+      const node = field<string>(b, 'node', 'string', p.kind !== 'node');
       if (p.kind === 'shared') return { key: vm, node: node! };
+      if (p.kind === 'reader') {
+        // Agents not yet given their own token (a site switching to per-node identity, between
+        // the witness's restart and the agents') keep their leases: the site token may extend a
+        // lease its holder holds now, at its epoch, and nothing else (checked in acquire).
+        const pair = this.pairOf(node!);
+        if (!pair) throw readOnly();
+        return { key: `${pair}/${vm}`, node: node! };
+      }
       if (node !== undefined && node !== p.node) throw new HttpError(403, 'NOT_YOUR_NODE', `this token is ${p.node}'s (pair ${p.pair}); it cannot act for ${node}`);
       return { key: `${p.pair}/${vm}`, node: p.node };
     };
@@ -100,9 +112,10 @@ export class WitnessServer {
         handler: async (ctx) => {
           const vm = vmOf(ctx.params.vm);
           const b = await ctx.body();
-          const { key, node } = scope(ctx, vm, b);
+          const { key, node } = scope(ctx, vm, b, 'acquire');
           const epoch = epochOf(b);
           const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
+          if (who(ctx).kind === 'reader' && !this.table.extendsValidLease(key, { node, epoch, leaseMs })) throw readOnly();
           const r = this.table.acquire(key, { node, epoch, leaseMs });
           if (r.changed) this.o.log.info('lease granted', { lease: key, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
           return { status: r.status, json: r.body };
@@ -113,7 +126,7 @@ export class WitnessServer {
         handler: async (ctx) => {
           const vm = vmOf(ctx.params.vm);
           const b = await ctx.body();
-          const { key, node } = scope(ctx, vm, b);
+          const { key, node } = scope(ctx, vm, b, 'release');
           const epoch = epochOf(b);
           const r = this.table.release(key, { node, epoch });
           if (r.body.released) this.o.log.info('lease released by its holder', { lease: key, holder: node, epoch });
@@ -131,6 +144,7 @@ export class WitnessServer {
       const creds = Credentials.load(this.o.credentialsFile);
       if (token !== null) creds.withReader(token);
       this.identify = (bearer) => creds.identify(bearer);
+      this.pairOf = (node) => creds.pairOf(node);
       this.auth = 'per-node';
       // Leases stored by an earlier shared-token witness: file them under their holder's pair.
       for (const key of this.table.keys()) {

@@ -59,6 +59,12 @@ export class LeaseTable {
     return { status: 200, body: { released: true } };
   }
 
+  /** `req` would only extend a lease its holder holds now, at its epoch (nothing changes hands). */
+  extendsValidLease(key: string, req: AcquireRequest): boolean {
+    const cur = this.leases.get(key);
+    return isRenewal(cur, req) && cur!.expiresAt > this.now();
+  }
+
   /** Keys of every lease (the server scopes them by pair). */
   keys(): string[] { return [...this.leases.keys()]; }
 
