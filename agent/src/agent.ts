@@ -20,6 +20,7 @@ import type { Exec } from './util/exec.ts';
 import { FtkvmError, errorMessage } from './util/errors.ts';
 import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
 import { WitnessGate } from './witness/client.ts';
+import { etcdSettings, etcdTransport } from './witness/etcd.ts';
 import { ReceivedBytes } from './colo/replica-health.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
@@ -93,6 +94,7 @@ export class Agent {
     if (this.probe.problems.length > 0) throw new QemuNotColoCapableError(this.probe);
     this.store = new StateStore(c.state_dir, c.node.name);
     this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness'))
+      : c.witness.etcd ? etcdGate(c, c.witness.etcd, this.d.clock, this.log.child('witness'))
       : c.witness.url ? new WitnessGate({ url: c.witness.url, node: c.node.name, leaseMs: c.witness.lease_ms, token: () => witnessToken ?? this.token, clock: this.d.clock, log: this.log.child('witness') })
         : new TwoNodeGate();
     if (this.gate.mode === 'two-node') this.log.warn('two-node mode: no witness; a network partition between the hosts can make both run a VM (split brain)');
@@ -288,4 +290,10 @@ function readSecret(file: string): string {
   const s = readFileSync(file, 'utf8').trim();
   if (s.length < 16) throw new FtkvmError('TOKEN_WEAK', `${file}: must hold at least 16 characters`);
   return s;
+}
+
+/** The witness protocol on etcd (witness/etcd.ts): the same gate, another transport. */
+function etcdGate(c: Config, e: NonNullable<Config['witness']['etcd']>, clock: Clock, log: Logger): WitnessGate {
+  const transport = etcdTransport(etcdSettings(e));
+  return new WitnessGate({ url: transport.describe(), node: c.node.name, leaseMs: c.witness.lease_ms, token: () => '', clock, log, transport });
 }

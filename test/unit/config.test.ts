@@ -72,7 +72,7 @@ const cases: [string, (s: string) => string, string[]][] = [
   ['preferred primary not in the pair', (s) => s.replace('preferred_primary: hostA', 'preferred_primary: hostC'), ['/etc/ftkvm/agent.yaml:18:24: vms[0].preferred_primary: must be "hostA" or "hostB", got "hostC"']],
   ['multicast MAC', (s) => s.replace('"52:54:00:00:00:01"', '"01:00:5e:00:00:01"'), ['/etc/ftkvm/agent.yaml:16:30: vms[0].nic.mac: must be a unicast MAC (first octet even)']],
   ['uppercase VM name', (s) => s.replace('name: web1', 'name: Web1'), ['/etc/ftkvm/agent.yaml:11:11: vms[0].name: must be lowercase letters, digits and "-", starting with a letter, at most 31 characters, got "Web1"']],
-  ['no witness and no explicit two-node mode', (s) => s.replace('witness:\n  url: http://192.168.0.254:7490\n', 'witness: {}\n'), ['/etc/ftkvm/agent.yaml:8:10: witness: set witness.url (recommended) or, explicitly, witness.two_node_mode: true (no split-brain protection when the hosts are partitioned)']],
+  ['no witness and no explicit two-node mode', (s) => s.replace('witness:\n  url: http://192.168.0.254:7490\n', 'witness: {}\n'), ['/etc/ftkvm/agent.yaml:8:10: witness: set witness.url (recommended) or witness.etcd, or, explicitly, witness.two_node_mode: true (no split-brain protection when the hosts are partitioned)']],
   ['witness missing entirely', (s) => s.replace('witness:\n  url: http://192.168.0.254:7490\n', ''), ['/etc/ftkvm/agent.yaml:1:1: witness: required field is missing']],
   ['heartbeat timeout too short for the interval', (s) => s + 'heartbeat:\n  interval_ms: 200\n  timeout_ms: 500\n', ['/etc/ftkvm/agent.yaml:21:15: heartbeat.timeout_ms: must be at least 3 × heartbeat.interval_ms (600) so one lost datagram is not a dead peer']],
   ['token readable by others', (s) => s, ['/etc/ftkvm/agent.yaml:1:1: api.token_file: /etc/ftkvm/token is readable by others (mode 644); run: chmod 600 /etc/ftkvm/token']],
@@ -94,6 +94,15 @@ for (const [name, mutate, expected] of cases) {
     t.deepEqual(got, expected);
   });
 }
+
+test('witness.etcd: lease_ms defaults to 5000 and must be whole seconds; one lease store only', (t) => {
+  const etcd = (extra: string) => GOOD.replace('witness:\n  url: http://192.168.0.254:7490\n', `witness:\n  etcd: { endpoints: [http://10.0.9.1:2379, http://10.0.9.2:2379], pair: prod1 }\n${extra}`);
+  t.is(parseConfig(etcd(''), 'agent.yaml', fakeFs()).witness.lease_ms, 5000);
+  t.is(parseConfig(GOOD, 'agent.yaml', fakeFs()).witness.lease_ms, 1000);
+  t.deepEqual(problems(etcd('  lease_ms: 2500\n')), ['/etc/ftkvm/agent.yaml:10:13: witness.lease_ms: with witness.etcd must be whole seconds and at least 2000 (etcd leases count in seconds; got 2500)']);
+  t.deepEqual(problems(etcd('  url: http://10.0.9.9:7490\n')), ['/etc/ftkvm/agent.yaml:9:9: witness.etcd: cannot be set together with witness.url or two_node_mode: choose one lease store']);
+  t.deepEqual(problems(etcd('').replace('pair: prod1', 'pair: prod1, user: hostA')), ['/etc/ftkvm/agent.yaml:9:87: witness.etcd.user: needs witness.etcd.password_file']);
+});
 
 test('port clash between two VMs names both and the offending offset', (t) => {
   const second = `  - name: db1

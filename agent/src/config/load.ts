@@ -165,8 +165,19 @@ export function semanticProblems(c: Config, fs: ConfigFs): ConfigProblem[] {
   }
   if (c.colo.resync_retry_max_ms < c.colo.resync_retry_min_ms) add(['colo', 'resync_retry_max_ms'], 'must be >= colo.resync_retry_min_ms');
   if (c.witness.url && c.witness.two_node_mode) add(['witness', 'two_node_mode'], 'cannot be true together with witness.url: choose one');
-  if (!c.witness.url && !c.witness.two_node_mode) {
-    add(['witness'], 'set witness.url (recommended) or, explicitly, witness.two_node_mode: true (no split-brain protection when the hosts are partitioned)');
+  if (c.witness.etcd && (c.witness.url || c.witness.two_node_mode)) add(['witness', 'etcd'], 'cannot be set together with witness.url or two_node_mode: choose one lease store');
+  if (!c.witness.url && !c.witness.etcd && !c.witness.two_node_mode) {
+    add(['witness'], 'set witness.url (recommended) or witness.etcd, or, explicitly, witness.two_node_mode: true (no split-brain protection when the hosts are partitioned)');
+  }
+  const etcd = c.witness.etcd;
+  if (etcd) {
+    if (c.witness.lease_ms % 1000 !== 0 || c.witness.lease_ms < 2000) {
+      add(['witness', 'lease_ms'], `with witness.etcd must be whole seconds and at least 2000 (etcd leases count in seconds; got ${c.witness.lease_ms})`);
+    }
+    if (etcd.password_file && !etcd.user) add(['witness', 'etcd', 'password_file'], 'only used with witness.etcd.user');
+    if (etcd.user && !etcd.password_file) add(['witness', 'etcd', 'user'], 'needs witness.etcd.password_file');
+    if (etcd.key_file && !etcd.cert_file) add(['witness', 'etcd', 'key_file'], 'only used with witness.etcd.cert_file');
+    if (etcd.cert_file && !etcd.key_file) add(['witness', 'etcd', 'cert_file'], 'needs witness.etcd.key_file');
   }
 
   // Files
@@ -186,6 +197,12 @@ export function semanticProblems(c: Config, fs: ConfigFs): ConfigProblem[] {
   if (c.witness.token_file) {
     if (!c.witness.url) add(['witness', 'token_file'], 'only used with witness.url');
     else secret(['witness', 'token_file'], c.witness.token_file);
+  }
+  if (etcd?.password_file && etcd.user) secret(['witness', 'etcd', 'password_file'], etcd.password_file);
+  if (etcd?.key_file && etcd.cert_file) secret(['witness', 'etcd', 'key_file'], etcd.key_file);
+  for (const k of ['ca_file', 'cert_file'] as const) {
+    const f = etcd?.[k];
+    if (f && !fs.exists(f)) add(['witness', 'etcd', k], `file not found: ${f}`);
   }
   if (c.api.tls) {
     for (const k of ['cert_file', 'key_file', 'ca_file'] as const) {

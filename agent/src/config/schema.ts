@@ -121,12 +121,25 @@ export const configSchema = z.object({
   }).strict().default({}),
   witness: z.object({
     url: z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL').optional(),
-    lease_ms: ms(500, 600_000).default(1_000),
+    // The lease store as an etcd v3 cluster instead of the embedded witness (witness/etcd.ts).
+    etcd: z.object({
+      endpoints: z.array(z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL')).min(1),
+      pair: nodeName,
+      prefix: z.string().regex(/^\/[A-Za-z0-9/_.-]*[A-Za-z0-9_.-]$/, 'must be an absolute key path like /ftkvm').default('/ftkvm'),
+      user: nodeName.optional(),
+      password_file: absPath.optional(),
+      ca_file: absPath.optional(),
+      cert_file: absPath.optional(),
+      key_file: absPath.optional(),
+    }).strict().optional(),
+    // Default 1000 with the embedded witness; 5000 with etcd, whose renewals stop for up to
+    // ~2 s while it elects a new leader (README: etcd lease store).
+    lease_ms: ms(500, 600_000).optional(),
     // This node's own token at the witness (its credentials file holds the digest). Default:
     // api.token_file, for a witness in shared-token mode.
     token_file: absPath.optional(),
     two_node_mode: z.boolean().default(false),
-  }).strict(),
+  }).strict().transform((w) => ({ ...w, lease_ms: w.lease_ms ?? (w.etcd ? 5_000 : 1_000) })),
   log_level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
   vms: z.array(vm).default([]),
 }).strict();

@@ -16,7 +16,11 @@
 //
 // Pure core with injected I/O (clock, files, HTTP, signals): unit-tested with fakes.
 
-export interface FencerWitness { url: string; tokenFile: string; leaseMs: number; node: string }
+export interface FencerWitness {
+  url: string; tokenFile: string; leaseMs: number; node: string;
+  /** The lease store is etcd (witness/etcd.ts), not the embedded witness at `url`. */
+  etcd?: EtcdSettings;
+}
 
 /** Written by the agent (fence/control.ts) whenever what it keeps changes. */
 export interface FencerControl {
@@ -36,6 +40,8 @@ export interface AgentPulse {
   /** VMs the agent has fenced (or is fencing) itself: nothing for the fencer to add. */
   fenced: string[];
 }
+
+import type { EtcdSettings } from '../witness/etcd.ts';
 
 export interface RenewAnswer { granted: boolean; holder: string; epoch: number; reason?: string }
 

@@ -9,6 +9,7 @@ import { errorMessage } from '../util/errors.ts';
 import { Fencer, renewEveryMs, type FencerWitness, type RenewAnswer } from './fencer.ts';
 import { fencerPaths, hrMono, readControl, readPulse } from './files.ts';
 import { procStartTicks, procStateLetter } from '../qemu/process.ts';
+import { etcdTransport } from '../witness/etcd.ts';
 
 const STEP_MS = 50;
 
@@ -27,8 +28,16 @@ export async function runFencer(stateDir: string, log: Logger): Promise<void> {
   const paths = fencerPaths(stateDir);
   writeFileSync(paths.pid, `${process.pid}\n`);
   const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
+  // etcd: one transport per configuration (it keeps its connections and auth token).
+  let etcd = null as { key: string; t: ReturnType<typeof etcdTransport> } | null;
   const renew = async (w: FencerWitness, token: string, vm: string, epoch: number): Promise<RenewAnswer> => {
     const t = Math.max(200, renewEveryMs(w.leaseMs) * 2);
+    if (w.etcd) {
+      const key = JSON.stringify(w.etcd);
+      if (etcd?.key !== key) { etcd?.t.close(); etcd = { key, t: etcdTransport(w.etcd) }; }
+      const r = await etcd.t.acquire(vm, { node: w.node, epoch, leaseMs: w.leaseMs }, t);
+      return { granted: r.status === 200 && r.body.granted, holder: r.body.holder, epoch: r.body.epoch, reason: r.body.reason };
+    }
     const res = await request(`${w.url.replace(/\/$/, '')}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
       method: 'POST', dispatcher, headersTimeout: t, bodyTimeout: t,
       headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
@@ -56,6 +65,7 @@ export async function runFencer(stateDir: string, log: Logger): Promise<void> {
   });
   clearInterval(timer);
   await dispatcher.close().catch(() => undefined);
+  etcd?.t.close();
   log.info('fencer stopped');
 }
 

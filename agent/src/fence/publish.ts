@@ -2,6 +2,7 @@
 // primaries to keep (control) and, every control step, its word on the peer and the leases
 // (pulse). Pure: the agent writes the result to files (files.ts); the simulator hands it over.
 import type { Config } from '../config/schema.ts';
+import { etcdSettings } from '../witness/etcd.ts';
 import type { PeerView } from '../peer/heartbeat.ts';
 import type { PromotionGate } from '../colo/gate.ts';
 import type { AgentPulse, FencerControl } from './fencer.ts';
@@ -15,7 +16,7 @@ export function fencerControl(c: Config, vms: Map<string, FencedVm>): FencerCont
   const keep: FencerControl['vms'] = {};
   for (const [n, v] of vms) { const e = v.fencerEntry(); if (e) keep[n] = e; }
   return {
-    witness: { url: c.witness.url!, tokenFile: c.witness.token_file ?? c.api.token_file, leaseMs: c.witness.lease_ms, node: c.node.name },
+    witness: { url: c.witness.url ?? '', etcd: c.witness.etcd ? etcdSettings(c.witness.etcd) : undefined, tokenFile: c.witness.token_file ?? c.api.token_file, leaseMs: c.witness.lease_ms, node: c.node.name },
     heartbeatIntervalMs: c.heartbeat.interval_ms, vms: keep,
   };
 }
