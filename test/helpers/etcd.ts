@@ -55,6 +55,9 @@ export class EtcdCluster {
     }
   }
 
+  /** PIDs of the running members. */
+  pids(): number[] { return this.procs.flatMap((p) => (p?.pid ? [p.pid] : [])); }
+
   kill(i: number): void { this.procs[i]?.kill('SIGKILL'); this.procs[i] = undefined; }
 
   /** A gateway call as root (before auth is enabled, or with a root token). */

@@ -10,7 +10,7 @@
 // "promotes" them), so it never expires one early — but keep-alives wait for the new leader:
 // lease_ms must outlast an election (README: etcd backend).
 import { readFileSync } from 'node:fs';
-import { Agent, request } from 'undici';
+import { Agent, request, type Dispatcher } from 'undici';
 import { decideAcquire, type Lease } from './lease.ts';
 import type { AcquireAnswer, WitnessTransport } from './client.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
@@ -51,13 +51,19 @@ export function etcdSettings(e: NonNullable<Config['witness']['etcd']>): EtcdSet
   return { endpoints: e.endpoints, prefix: e.prefix, pair: e.pair, user: e.user, passwordFile: e.password_file, caFile: e.ca_file, certFile: e.cert_file, keyFile: e.key_file };
 }
 
-export function etcdTransport(s: EtcdSettings): WitnessTransport & { describe(): string } {
+/** `dispatcher`: share one connection pool between transports (the bench's thousands of nodes). */
+export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher } = {}): WitnessTransport & { describe(): string } {
   const tls = s.caFile || s.certFile ? {
     ca: s.caFile ? readFileSync(s.caFile) : undefined,
     cert: s.certFile ? readFileSync(s.certFile) : undefined,
     key: s.keyFile ? readFileSync(s.keyFile) : undefined,
   } : undefined;
-  const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000, connect: tls });
+  const own = opts.dispatcher ? null : new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000, connect: tls });
+  const dispatcher = opts.dispatcher ?? own!;
+  // The etcd lease behind each lease this transport was granted: a renewal is then one
+  // keep-alive. Sound because "live" is attached to that etcd lease: while the lease lives, so
+  // does "live", and nobody else can be granted the VM (they need "live" gone).
+  const mine = new Map<string, { node: string; epoch: number; lease: string }>();
   let current = 0;                 // endpoint in use; the next one after a failure
   let token: string | null = null; // etcd auth token (simple token), fetched lazily
   const base = (key: string) => `${s.prefix.replace(/\/$/, '')}/${s.pair}/${key}`;
@@ -108,11 +114,15 @@ export function etcdTransport(s: EtcdSettings): WitnessTransport & { describe():
     return out;
   }
 
+  /** Remaining seconds after renewing; 0 when the lease is gone. */
+  const keepAlive = (lease: string, t: number) => post<{ TTL?: string }>('/v3/lease/keepalive', { ID: lease }, t)
+    .then((r) => Number(r.TTL ?? 0), (e) => { if (e instanceof EtcdError && e.grpcCode === 5) return 0; throw e; });
   const ttlOf = async (lease: string, t: number) => Number((await post<{ TTL: string }>('/v3/lease/timetolive', { ID: lease }, t)).TTL);
   const revoke = (lease: string, t: number) => post('/v3/lease/revoke', { ID: lease }, t).catch(() => undefined);
 
   /** One transaction: it applies only if both keys are as read (else someone else changed them first). */
-  async function grant(vm: string, seen: Read, h: Held, leaseMs: number, t: number): Promise<boolean> {
+  /** The etcd lease of the grant, or null when the keys changed since they were read. */
+  async function grant(vm: string, seen: Read, h: Held, leaseMs: number, t: number): Promise<string | null> {
     const lease = (await post<{ ID: string }>('/v3/lease/grant', { TTL: Math.ceil(leaseMs / 1000) }, t)).ID;
     const same = (key: string, rev: string | undefined) => ({ key: b64(base(`${vm}/${key}`)), target: 'MOD', result: 'EQUAL', mod_revision: rev ?? '0' });
     const r = await post<{ succeeded?: boolean }>('/v3/kv/txn', {
@@ -122,20 +132,26 @@ export function etcdTransport(s: EtcdSettings): WitnessTransport & { describe():
         { request_put: { key: b64(base(`${vm}/live`)), value: b64(JSON.stringify({ holder: h.holder, epoch: h.epoch })), lease } },
       ],
     }, t);
-    if (!r.succeeded) { void revoke(lease, t); return false; }
+    if (!r.succeeded) { void revoke(lease, t); return null; }
     if (seen.live && seen.live.lease !== '0') void revoke(seen.live.lease, t); // the old lease holds nothing now
-    return true;
+    return lease;
   }
 
   return {
     describe: () => `etcd ${s.endpoints.join(',')} ${base('')}`,
     async acquire(vm, req, timeoutMs) {
+      const m = mine.get(vm);
+      if (m && m.node === req.node && m.epoch === req.epoch) {
+        const ttl = await keepAlive(m.lease, timeoutMs);
+        if (ttl > 0) return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: ttl * 1000 } };
+      }
+      mine.delete(vm);
       for (let attempt = 0; attempt < 3; attempt++) {
         const seen = await read(vm, timeoutMs);
         // Renewal: the holder at its epoch with its lease alive: a keep-alive, nothing written.
         if (seen.live && seen.live.holder === req.node && seen.live.epoch === req.epoch && seen.epoch?.epoch === req.epoch) {
-          const ttl = await post<{ TTL?: string }>('/v3/lease/keepalive', { ID: seen.live.lease }, timeoutMs)
-            .then((r) => Number(r.TTL ?? 0), (e) => { if (e instanceof EtcdError && e.grpcCode === 5) return 0; throw e; });
+          const ttl = await keepAlive(seen.live.lease, timeoutMs);
+          if (ttl > 0) mine.set(vm, { node: req.node, epoch: req.epoch, lease: seen.live.lease });
           if (ttl > 0) return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: ttl * 1000 } };
           continue; // expired between the read and the keep-alive: read again
         }
@@ -150,7 +166,9 @@ export function etcdTransport(s: EtcdSettings): WitnessTransport & { describe():
           const body: AcquireAnswer = { granted: false, holder: d.current.holder, epoch: d.current.epoch, expiresInMs: Math.max(0, d.current.expiresAt - now), reason: d.reason, retryAfterMs: d.retryAfterMs };
           return { status: 409, body };
         }
-        if (await grant(vm, seen, { holder: req.node, epoch: req.epoch }, req.leaseMs, timeoutMs)) {
+        const lease = await grant(vm, seen, { holder: req.node, epoch: req.epoch }, req.leaseMs, timeoutMs);
+        if (lease !== null) {
+          mine.set(vm, { node: req.node, epoch: req.epoch, lease });
           return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: Math.ceil(req.leaseMs / 1000) * 1000 } };
         }
       }
@@ -158,6 +176,7 @@ export function etcdTransport(s: EtcdSettings): WitnessTransport & { describe():
       return { status: 409, body: { granted: false, holder: seen.epoch?.holder ?? '', epoch: seen.epoch?.epoch ?? 0, expiresInMs: 0, reason: 'contended: the lease changed while it was being taken', retryAfterMs: 100 } };
     },
     async release(vm, req, timeoutMs) {
+      mine.delete(vm);
       const seen = await read(vm, timeoutMs);
       if (!seen.live || seen.live.holder !== req.node || seen.live.epoch !== req.epoch) return { status: 409 };
       // Revoking the lease deletes "live" at once; "epoch" stays (the successor needs a newer one).
@@ -168,7 +187,7 @@ export function etcdTransport(s: EtcdSettings): WitnessTransport & { describe():
       // A read that needs the cluster's quorum (linearizable): a member cut off from it fails.
       await post('/v3/kv/range', { key: b64(base('health')), count_only: true }, timeoutMs);
     },
-    close() { void dispatcher.close(); },
+    close() { void own?.close(); },
   };
 }
 
