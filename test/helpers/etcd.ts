@@ -1,24 +1,37 @@
 // A real etcd cluster on loopback (Debian's etcd-server) for the etcd lease store's tests and
 // bench: 1 or 3 members, each its own process and data directory; members can be killed and
 // started again; auth set up through the JSON gateway as the ftkvm_etcd role does with etcdctl.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, openSync, closeSync, rmSync } from 'node:fs';
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, openSync, closeSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { request } from 'undici';
 
 export const ETCD_BIN = '/usr/bin/etcd';
 
+export interface EtcdClusterOptions {
+  /** Address every member listens on (default 127.0.0.1). */
+  host?: string;
+  /** Data and logs (default: a new temporary directory). */
+  dir?: string;
+  /** How a member is started (default: here; the lab starts them in the witness's namespace). */
+  spawn?: (cmd: string, args: string[], opts: SpawnOptions) => ChildProcess;
+}
+
 export class EtcdCluster {
-  readonly dir = mkdtempSync(join(tmpdir(), 'ftkvm-etcd-'));
+  readonly dir: string;
   readonly endpoints: string[];
   private readonly peers: string[];
   private readonly procs: (ChildProcess | undefined)[];
+  private readonly spawn: NonNullable<EtcdClusterOptions['spawn']>;
 
   /** Ports basePort + 2i (client) and basePort + 2i + 1 (peer). */
-  constructor(readonly size: 1 | 3, readonly basePort: number) {
-    this.endpoints = Array.from({ length: size }, (_, i) => `http://127.0.0.1:${basePort + 2 * i}`);
-    this.peers = Array.from({ length: size }, (_, i) => `http://127.0.0.1:${basePort + 2 * i + 1}`);
+  constructor(readonly size: 1 | 3, readonly basePort: number, o: EtcdClusterOptions = {}) {
+    const host = o.host ?? '127.0.0.1';
+    this.dir = o.dir ?? mkdtempSync(join(tmpdir(), 'ftkvm-etcd-'));
+    this.spawn = o.spawn ?? spawn;
+    this.endpoints = Array.from({ length: size }, (_, i) => `http://${host}:${basePort + 2 * i}`);
+    this.peers = Array.from({ length: size }, (_, i) => `http://${host}:${basePort + 2 * i + 1}`);
     this.procs = Array.from({ length: size }, () => undefined);
   }
 
@@ -26,8 +39,9 @@ export class EtcdCluster {
 
   startMember(i: number): void {
     const name = `m${i}`;
+    mkdirSync(this.dir, { recursive: true });
     const out = openSync(join(this.dir, `${name}.log`), 'a');
-    this.procs[i] = spawn(ETCD_BIN, [
+    this.procs[i] = this.spawn(ETCD_BIN, [
       '--name', name, '--data-dir', join(this.dir, name),
       '--listen-client-urls', this.endpoints[i]!, '--advertise-client-urls', this.endpoints[i]!,
       '--listen-peer-urls', this.peers[i]!, '--initial-advertise-peer-urls', this.peers[i]!,

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { request } from 'undici';
 import { stringify } from 'yaml';
 import { sha256 } from '../../agent/src/witness/credentials.ts';
+import { EtcdCluster } from './etcd.ts';
 import { NetnsTestbed } from './netns.ts';
 import { AGENT_BIN, parseSerial, testGuest } from './guest.ts';
 import { TxnClient } from './traffic.ts';
@@ -33,6 +34,8 @@ export interface PairOptions {
   vms: VmSpec[];
   checkpointDelayMs?: number;
   witness?: boolean;          // run `ftkvm-agent witness` in the witness namespace
+  /** With `witness`: the lease store is a 3-member etcd cluster in the witness namespace instead. */
+  witnessBackend?: 'embedded' | 'etcd';
   heartbeat?: { interval_ms?: number; timeout_ms?: number };
   colo?: Record<string, unknown>;
   startupPeerWaitMs?: number;
@@ -49,6 +52,7 @@ export class AgentPair {
   readonly o: PairOptions;
   private agents: Partial<Record<H, ChildProcess>> = {};
   private witnessProc: ChildProcess | undefined;
+  private etcd: EtcdCluster | undefined;
 
   constructor(index: number, o: PairOptions) {
     this.tb = new NetnsTestbed(index);
@@ -100,7 +104,9 @@ export class AgentPair {
         },
         state_dir: this.stateDir(h),
         colo: { checkpoint_delay_ms: this.o.checkpointDelayMs ?? 2000, startup_peer_wait_ms: this.o.startupPeerWaitMs ?? 3000, resync_retry_min_ms: 1000, ...this.o.colo },
-        witness: this.o.witness ? { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: 2000, token_file: join(d, 'witness-token') } : { two_node_mode: true },
+        witness: !this.o.witness ? { two_node_mode: true }
+          : this.o.witnessBackend === 'etcd' ? { etcd: { endpoints: this.etcdCluster().endpoints, pair: LAB_PAIR }, lease_ms: 2000 }
+            : { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: 2000, token_file: join(d, 'witness-token') },
         log_level: 'debug',
         vms: this.o.vms.map((v) => ({
           name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
@@ -116,9 +122,19 @@ export class AgentPair {
     }
   }
 
+  /** The lab's etcd (witnessBackend 'etcd'): 3 members on the witness's management address. */
+  etcdCluster(): EtcdCluster {
+    this.etcd ??= new EtcdCluster(3, 2379, { host: this.tb.addr.W.mgmt, dir: join(this.dir, 'W', 'etcd'), spawn: (cmd, args, opts) => this.tb.spawnIn('W', cmd, args, opts) });
+    return this.etcd;
+  }
+
   startWitness(): void {
     const d = join(this.dir, 'W');
     mkdirSync(d, { recursive: true });
+    if (this.o.witnessBackend === 'etcd') {
+      for (let i = 0; i < 3; i++) this.etcdCluster().startMember(i);
+      return;
+    }
     const out = openSync(join(d, 'witness.log'), 'a');
     // Per-node identity, as the roles set it up: the witness knows each host's token by its digest.
     writeFileSync(join(d, 'credentials.yml'), 'nodes:\n' + (['A', 'B', 'X'] as const).map((h) => `  host${h}: {pair: ${h === 'X' ? OTHER_PAIR : LAB_PAIR}, token_sha256: ${sha256(witnessToken(h))}}\n`).join(''));
@@ -135,7 +151,10 @@ export class AgentPair {
     return { status: r.statusCode, json: await r.body.json() };
   }
 
-  killWitness(): void { this.witnessProc?.kill('SIGKILL'); this.witnessProc = undefined; }
+  killWitness(): void {
+    this.witnessProc?.kill('SIGKILL'); this.witnessProc = undefined;
+    if (this.etcd) for (let i = 0; i < 3; i++) this.etcd.kill(i);
+  }
 
   startAgent(h: H): ChildProcess {
     const out = openSync(this.agentLog(h), 'a');

@@ -118,6 +118,36 @@ test('partition, witness reachable only from the secondary: the primary fences i
   });
 });
 
+// The same two cases with the lease store on a 3-member etcd cluster (witness/etcd.ts) in the
+// witness's namespace: the takeover waits for the etcd lease's expiry; with the lease valid no
+// takeover is possible.
+const etcdOpts = { ...pairOpts, witnessBackend: 'etcd' as const };
+
+test('etcd lease store: partition, etcd reachable only from the secondary: the primary fences itself, the secondary takes over', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 58, etcdOpts, async (p) => {
+    const { prim } = await partition(t, p, 'B', async (s) => {
+      t.is(s.A, 'fenced');
+      t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
+      t.is(s.B, 'standalone');
+      t.is((await p.vmStatus('B', 'vm'))!.epoch, 2);
+    });
+    t.is(prim, 'B');
+    t.regex((await p.status('A'))!.witness.url!, /^etcd http:\/\//);
+  });
+});
+
+test('etcd lease store: partition, etcd reachable from both: the primary keeps its lease and runs; the secondary does not take over', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 59, etcdOpts, async (p) => {
+    const { prim } = await partition(t, p, 'both', async (s) => {
+      t.is(s.A, 'standalone', 'A goes on alone: it holds the lease');
+      t.not(s.B, 'standalone', 'B must not promote itself');
+    });
+    t.is(prim, 'A');
+  });
+});
+
 test('partition, witness reachable only from the primary: the primary runs on, the secondary cannot promote', async (t) => {
   t.timeout(300_000);
   await withPair(t, 53, pairOpts, async (p) => {
