@@ -1,61 +1,81 @@
-// bench/failover: repeated host failovers on the two-namespace testbed with real agents, real
-// QEMU (TCG) and the real guest.
-//   sudo bench/failover [--rounds 10] [--checkpoint-delay 2000] [--throughput-seconds 20] [--dirty-mib 16]
-// Per round: wait until protected, run transactions over ONE TCP connection, SIGKILL the
-// primary host's QEMU and agent, measure SIGKILL → first transaction acknowledged by the
-// survivor (the guest's first externally visible progress), count lost/repeated values, then
-// restart the dead host's agent and let protection rebuild onto it. Also: checkpoint pauses
-// (p50/p99, from the agents) and guest throughput protected ÷ unprotected for a memory-dirtying
-// guest loop ("work N" lines on the console).
+// bench/failover: repeated failovers on the two-namespace testbed with real agents, real QEMU
+// (TCG), the real guest and, by default, the production setup: a witness (the embedded one;
+// --mode etcd: a 3-member etcd; --mode two-node: no witness).
+//   sudo bench/failover [--mode witness|etcd|two-node] [--kinds qemu,host,switchover] [--rounds 30] [--lease-ms N]
+//                       [--checkpoint-delay 2000] [--throughput-seconds 20] [--dirty-mib 16]
+// Per round of each failure kind: wait until protected, run transactions over ONE TCP
+// connection, then
+//   qemu:       SIGKILL the primary's QEMU (its agent sees it, releases the lease to the peer)
+//   host:       SIGKILL the primary host's agent, QEMU and fencer (the lease must expire)
+//   switchover: a planned switchover through the API
+// and measure the event → first transaction acknowledged by the new primary; count lost or
+// repeated values; let protection rebuild. Also: checkpoint pauses (p50/p99, from the agents)
+// and guest throughput protected ÷ unprotected for a memory-dirtying guest loop.
 import { parseArgs } from 'node:util';
 import { AgentPair, other, waitUntil, type H } from '../test/helpers/pair.ts';
 import { SerialWatcher, TxnClient } from '../test/helpers/traffic.ts';
 import { sweepStaleTestbeds } from '../test/helpers/netns.ts';
 
 const { values } = parseArgs({ options: {
-  rounds: { type: 'string', default: '10' },
+  mode: { type: 'string', default: 'witness' },
+  kinds: { type: 'string', default: 'qemu,host,switchover' },
+  rounds: { type: 'string', default: '30' },
+  'lease-ms': { type: 'string' },
   'checkpoint-delay': { type: 'string', default: '2000' },
   'throughput-seconds': { type: 'string', default: '20' },
   'dirty-mib': { type: 'string', default: '16' },
 } });
+const mode = values.mode!;
+if (!['witness', 'etcd', 'two-node'].includes(mode)) throw new Error(`--mode: witness, etcd or two-node, got ${mode}`);
+type Kind = 'qemu' | 'host' | 'switchover';
+const kinds = values.kinds!.split(',') as Kind[];
+for (const k of kinds) if (!['qemu', 'host', 'switchover'].includes(k)) throw new Error(`--kinds: qemu, host, switchover; got ${k}`);
 const rounds = Number(values.rounds), delay = Number(values['checkpoint-delay']);
 const tputS = Number(values['throughput-seconds']), dirty = Number(values['dirty-mib']);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const q = (xs: number[], p: number) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[Math.min(s.length - 1, Math.floor(p * s.length))]! : NaN; };
 const log = (m: string) => console.log(`[${new Date().toISOString().slice(11, 19)}] ${m}`);
+// The product's defaults: 1000 ms with the embedded witness, 5000 with etcd (agent.yaml witness.lease_ms).
+const pairOpts = mode === 'two-node' ? {} : { witness: true, witnessBackend: mode === 'etcd' ? 'etcd' as const : 'embedded' as const, leaseMs: Number(values['lease-ms'] ?? (mode === 'etcd' ? 5000 : 1000)) };
 
 await sweepStaleTestbeds();
 
 // ---------------------------------------------------------------- failovers
-const failoverMs: number[] = [], detectionMs: number[] = [], pauseP50: number[] = [], pauseP99: number[] = [];
-let lost = 0, resets = 0, totalTxns = 0;
+const firstReply: Record<Kind, number[]> = { qemu: [], host: [], switchover: [] };
+const pauseP50: number[] = [], pauseP99: number[] = [];
+let lost = 0, resets = 0, totalTxns = 0, leaseMs: number | null = null;
 {
-  const p = new AgentPair(41, { checkpointDelayMs: delay, vms: [{ name: 'bench', guestIp: 10, basePort: 19000 }] });
+  const p = new AgentPair(41, { checkpointDelayMs: delay, vms: [{ name: 'bench', guestIp: 10, basePort: 19000 }], ...pairOpts });
   await p.setup();
   try {
+    if (pairOpts.witness) p.startWitness();
     p.startAgent('A'); p.startAgent('B');
-    let primary: H = await p.waitProtected('bench');
+    let primary: H = await p.waitProtected('bench', 180_000);
     await p.waitGuestService('bench');
+    leaseMs = (await p.status('A'))?.witness.leaseMs ?? null;
     const client = new TxnClient(p.guestIp('bench'), 7000, 10);
     await client.open();
     client.start();
-    for (let r = 1; r <= rounds; r++) {
-      primary = await p.waitProtected('bench', 180_000);
-      await sleep(3000); // some checkpoints and transactions under protection
-      const st = (await p.vmStatus(primary, 'bench'))!;
-      if (st.checkpoints.pauseP50Ms !== null) { pauseP50.push(st.checkpoints.pauseP50Ms); pauseP99.push(st.checkpoints.pauseP99Ms!); }
-      const before = client.txns.length;
-      const killedAt = Date.now();
-      p.killHost(primary);
-      const survivor = other(primary);
-      const first = await waitUntil(() => client.firstAckAfter(killedAt), 30_000, 'first transaction after the failover');
-      const fo = first.ackAt - killedAt;
-      failoverMs.push(fo);
-      const sv = await waitUntil(async () => { const x = await p.vmStatus(survivor, 'bench'); return x?.lastFailover && x.lastFailover.at > killedAt ? x : undefined; }, 10_000, 'takeover record');
-      if (sv.lastFailover!.detectionMs !== null) detectionMs.push(sv.lastFailover!.detectionMs);
-      log(`round ${r}/${rounds}: killed ${primary}, ${survivor} serving after ${fo} ms (detection ${sv.lastFailover!.detectionMs} ms, takeover ${sv.lastFailover!.sequenceMs} ms); ${client.txns.length - before} txns this round`);
-      if (client.errors.length) { resets++; break; }
-      p.startAgent(primary); // the host comes back: protection is rebuilt onto it
+    outer: for (const kind of kinds) {
+      for (let r = 1; r <= rounds; r++) {
+        primary = await p.waitProtected('bench', 180_000);
+        await sleep(3000); // some checkpoints and transactions under protection
+        const st = (await p.vmStatus(primary, 'bench'))!;
+        if (st.checkpoints.pauseP50Ms !== null) { pauseP50.push(st.checkpoints.pauseP50Ms); pauseP99.push(st.checkpoints.pauseP99Ms!); }
+        const before = client.txns.length;
+        const at = Date.now();
+        let switched: Promise<unknown> | undefined;
+        if (kind === 'host') p.killHost(primary);
+        else if (kind === 'qemu') p.killQemu(primary, 'bench');
+        else switched = p.cli(primary, ['switchover', 'bench', '--wait', '--json']);
+        const next = other(primary);
+        const first = await waitUntil(() => client.firstAckAfter(at), 30_000, `first transaction after the ${kind} failover`);
+        firstReply[kind].push(first.ackAt - at);
+        await switched;
+        log(`${kind} ${r}/${rounds}: ${primary} → ${next}, first reply after ${first.ackAt - at} ms; ${client.txns.length - before} txns this round`);
+        if (client.errors.length) { resets++; break outer; }
+        if (kind === 'host') p.startAgent(primary); // the host comes back: protection is rebuilt onto it
+      }
     }
     await client.stop();
     const vals = client.txns.map((x) => x.value);
@@ -99,9 +119,9 @@ if (tputS > 0) {
 }
 
 console.log('');
-console.log(`bench/failover (${new Date().toISOString().slice(0, 10)}, QEMU 7.2 TCG, checkpoint delay ${delay} ms, 256 MiB guest)`);
-console.log(`failovers: ${failoverMs.length}/${rounds}   SIGKILL → first transaction served by the survivor: p50 ${q(failoverMs, 0.5)} ms  p99 ${q(failoverMs, 0.99)} ms  max ${Math.max(...failoverMs)} ms`);
-console.log(`detection (last heartbeat → takeover decision): p50 ${q(detectionMs, 0.5)} ms  p99 ${q(detectionMs, 0.99)} ms`);
-console.log(`transactions: ${totalTxns} acknowledged over one TCP connection, lost or repeated: ${lost}, connection resets: ${resets}`);
+console.log(`bench/failover (${new Date().toISOString().slice(0, 10)}, QEMU 7.2 TCG, ${mode === 'two-node' ? 'two-node mode' : `${mode === 'etcd' ? '3-member etcd' : 'embedded witness'}, lease ${leaseMs} ms`}, checkpoint delay ${delay} ms, 256 MiB guest)`);
+console.log('\n| failure | rounds | event → first reply p50 | p99 | max |\n|---|---|---|---|---|');
+for (const k of kinds) console.log(`| ${k === 'qemu' ? 'QEMU crash' : k === 'host' ? 'primary-host loss' : 'switchover'} | ${firstReply[k].length}/${rounds} | ${q(firstReply[k], 0.5)} ms | ${q(firstReply[k], 0.99)} ms | ${Math.max(...firstReply[k])} ms |`);
+console.log(`\ntransactions: ${totalTxns} acknowledged over one TCP connection, lost or repeated: ${lost}, connection resets: ${resets}`);
 console.log(`checkpoint pause (primary, per round p50/p99 of recent checkpoints): p50 ${q(pauseP50, 0.5)} ms  p99 ${q(pauseP99, 0.99)} ms`);
-console.log(`guest throughput protected ÷ unprotected (${dirty} MiB dirtying loop): ${(protectedRate / unprotectedRate).toFixed(2)} (${protectedRate.toFixed(2)} / ${unprotectedRate.toFixed(2)} rounds/s)`);
+if (tputS > 0) console.log(`guest throughput protected ÷ unprotected (${dirty} MiB dirtying loop): ${(protectedRate / unprotectedRate).toFixed(2)} (${protectedRate.toFixed(2)} / ${unprotectedRate.toFixed(2)} rounds/s)`);

@@ -36,6 +36,8 @@ export interface PairOptions {
   witness?: boolean;          // run `ftkvm-agent witness` in the witness namespace
   /** With `witness`: the lease store is a 3-member etcd cluster in the witness namespace instead. */
   witnessBackend?: 'embedded' | 'etcd';
+  /** witness.lease_ms (default 2000 in the lab). */
+  leaseMs?: number;
   heartbeat?: { interval_ms?: number; timeout_ms?: number };
   colo?: Record<string, unknown>;
   startupPeerWaitMs?: number;
@@ -105,8 +107,8 @@ export class AgentPair {
         state_dir: this.stateDir(h),
         colo: { checkpoint_delay_ms: this.o.checkpointDelayMs ?? 2000, startup_peer_wait_ms: this.o.startupPeerWaitMs ?? 3000, resync_retry_min_ms: 1000, ...this.o.colo },
         witness: !this.o.witness ? { two_node_mode: true }
-          : this.o.witnessBackend === 'etcd' ? { etcd: { endpoints: this.etcdCluster().endpoints, pair: LAB_PAIR }, lease_ms: 2000 }
-            : { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: 2000, token_file: join(d, 'witness-token') },
+          : this.o.witnessBackend === 'etcd' ? { etcd: { endpoints: this.etcdCluster().endpoints, pair: LAB_PAIR }, lease_ms: this.o.leaseMs ?? 2000 }
+            : { url: `http://${this.tb.addr.W.mgmt}:7490`, lease_ms: this.o.leaseMs ?? 2000, token_file: join(d, 'witness-token') },
         log_level: 'debug',
         vms: this.o.vms.map((v) => ({
           name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
