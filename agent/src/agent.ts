@@ -95,7 +95,7 @@ export class Agent {
     this.store = new StateStore(c.state_dir, c.node.name);
     this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness'))
       : c.witness.etcd ? etcdGate(c, c.witness.etcd, this.d.clock, this.log.child('witness'))
-      : c.witness.url ? new WitnessGate({ url: c.witness.url, node: c.node.name, leaseMs: c.witness.lease_ms, token: () => witnessToken ?? this.token, clock: this.d.clock, log: this.log.child('witness') })
+      : c.witness.url ? new WitnessGate({ url: c.witness.url, node: c.node.name, leaseMs: c.witness.lease_ms, token: () => witnessToken ?? this.token, caFile: c.witness.ca_file, clock: this.d.clock, log: this.log.child('witness') })
         : new TwoNodeGate();
     if (this.gate.mode === 'two-node') this.log.warn('two-node mode: no witness; a network partition between the hosts can make both run a VM (split brain)');
     this.peer = new PeerClient({

@@ -70,7 +70,7 @@ export async function main(argv: string[]): Promise<number> {
   } as const;
   let parsed;
   try {
-    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' }, credentials: { type: 'string' } }, allowPositionals: true, strict: true });
+    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' }, credentials: { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' } }, allowPositionals: true, strict: true });
   } catch (e) {
     process.stderr.write(`ftkvm-agent ${cmd}: ${errorMessage(e)}\n${commandHelp(cmd)}\n`);
     return EXIT.USAGE;
@@ -102,7 +102,9 @@ export async function main(argv: string[]): Promise<number> {
           listen: o.listen, dataDir: o['data-dir'] ?? '/var/lib/ftkvm-witness', log, credentialsFile: o.credentials,
           // With credentials the token file is an optional read-only token; without, the shared one.
           tokenFile: o['token-file'] ?? (o.credentials ? undefined : '/etc/ftkvm/token'),
+          tls: o['tls-cert'] && o['tls-key'] ? { certFile: o['tls-cert'], keyFile: o['tls-key'] } : undefined,
         });
+        if (!!o['tls-cert'] !== !!o['tls-key']) { process.stderr.write('ftkvm-agent witness: --tls-cert and --tls-key go together\n'); return EXIT.USAGE; }
         try {
           await w.start();
         } catch (e) {

@@ -1,6 +1,7 @@
 // Per-node identity at the witness: a real WitnessServer over HTTP on localhost, with a
 // credentials file. Every refusal is checked to change nothing (the leases read back after it).
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -142,4 +143,25 @@ test('switching a witness from a shared token to per-node credentials keeps runn
   t.is(b.json.holder, 'hostA');
   t.deepEqual((await perNode.all()).map((l) => `${l.pair}/${l.vm}=${l.holder}@${l.epoch}`), ['p1/web1=hostA@5']);
   t.true(JSON.parse(readFileSync(join(dir, 'leases.json'), 'utf8'))['p1/web1'] !== undefined, 'stored under the new key');
+});
+
+test('HTTPS witness: the agent\'s client trusts it through witness.ca_file; without the CA it cannot renew', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'ftkvm-wtls-'));
+  const sh = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
+  sh(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=ftkvm test CA']);
+  sh(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'w.key', '-out', 'w.csr', '-subj', '/CN=witness']);
+  writeFileSync(join(dir, 'san.ext'), 'subjectAltName=IP:127.0.0.1\n');
+  sh(['x509', '-req', '-in', 'w.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'w.pem', '-days', '2', '-extfile', 'san.ext']);
+  writeFileSync(join(dir, 'reader'), READER, { mode: 0o600 });
+  const port = nextPort++;
+  const w = new WitnessServer({ listen: `127.0.0.1:${port}`, dataDir: dir, credentialsFile: credentials(dir), tokenFile: join(dir, 'reader'), log: memoryLogger(), tls: { certFile: join(dir, 'w.pem'), keyFile: join(dir, 'w.key') } });
+  await w.start();
+  const url = `https://127.0.0.1:${port}`;
+  const trusted = new WitnessGate({ url, node: 'hostA', leaseMs: 1000, token: () => tok('hostA'), caFile: join(dir, 'ca.pem'), clock: systemClock, log: memoryLogger() });
+  const untrusting = new WitnessGate({ url, node: 'hostB', leaseMs: 1000, token: () => tok('hostB'), clock: systemClock, log: memoryLogger() });
+  t.teardown(async () => { trusted.stop(); untrusting.stop(); await w.stop(); });
+  t.true((await trusted.acquire('web1', 1, 'test')).granted);
+  const r = await untrusting.acquire('web2', 1, 'test');
+  t.false(r.granted);
+  t.regex(r.reason, /unreachable: .*(certificate|self.signed|issuer)/i);
 });

@@ -47,6 +47,7 @@ Validates agent.yaml exactly as \`run\` does (schema, addresses, ports, files) a
   version: 'Usage: ftkvm-agent version   (or --version)',
   witness: `Usage: ftkvm-agent witness --listen ADDRESS:PORT [--data-dir /var/lib/ftkvm-witness]
                            (--credentials FILE [--token-file FILE] | --token-file FILE)
+                           [--tls-cert FILE --tls-key FILE]
 
 The lease service that decides who may run a VM as primary when the two hosts cannot see
 each other. Run it on a third machine reachable from both hosts' management networks.
@@ -56,7 +57,9 @@ Leases (holder, epoch, expiry) are stored durably in the data directory.
                       take leases only for itself, only for its pair's VMs. SIGHUP reloads it.
   --token-file FILE   with --credentials: a read-only token (lists every lease); without it:
                       one token shared by every node (default /etc/ftkvm/token; any holder
-                      can act for any node: labs only)`,
+                      can act for any node: labs only)
+  --tls-cert, --tls-key  serve HTTPS with this certificate (chain) and key, PEM; the agents
+                      trust it with witness.ca_file`,
   drill: `Usage: ftkvm-agent drill VM [--wait] [--json] [--config PATH | --url URL]
 
 Fails the VM's current primary QEMU the way a crash would (SIGKILL), lets the secondary take

@@ -198,6 +198,10 @@ export function semanticProblems(c: Config, fs: ConfigFs): ConfigProblem[] {
     if (!c.witness.url) add(['witness', 'token_file'], 'only used with witness.url');
     else secret(['witness', 'token_file'], c.witness.token_file);
   }
+  if (c.witness.ca_file) {
+    if (!c.witness.url?.startsWith('https://')) add(['witness', 'ca_file'], 'only used with an https:// witness.url');
+    else if (!fs.exists(c.witness.ca_file)) add(['witness', 'ca_file'], `file not found: ${c.witness.ca_file}`);
+  }
   if (etcd?.password_file && etcd.user) secret(['witness', 'etcd', 'password_file'], etcd.password_file);
   if (etcd?.key_file && etcd.cert_file) secret(['witness', 'etcd', 'key_file'], etcd.key_file);
   for (const k of ['ca_file', 'cert_file'] as const) {

@@ -138,6 +138,8 @@ export const configSchema = z.object({
     // This node's own token at the witness (its credentials file holds the digest). Default:
     // api.token_file, for a witness in shared-token mode.
     token_file: absPath.optional(),
+    // CA that signed the witness's certificate (https:// URL; default: the system's CAs).
+    ca_file: absPath.optional(),
     two_node_mode: z.boolean().default(false),
   }).strict().transform((w) => ({ ...w, lease_ms: w.lease_ms ?? (w.etcd ? 5_000 : 1_000) })),
   log_level: z.enum(['debug', 'info', 'warn', 'error']).default('info'),

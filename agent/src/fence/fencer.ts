@@ -18,6 +18,8 @@
 
 export interface FencerWitness {
   url: string; tokenFile: string; leaseMs: number; node: string;
+  /** CA of an https:// witness. */
+  caFile?: string;
   /** The lease store is etcd (witness/etcd.ts), not the embedded witness at `url`. */
   etcd?: EtcdSettings;
 }

@@ -3,13 +3,13 @@
 // file. Real I/O for the pure core in fencer.ts.
 import { spawn } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
-import { Agent, request } from 'undici';
 import type { Logger } from '../log/logger.ts';
 import { errorMessage } from '../util/errors.ts';
 import { Fencer, renewEveryMs, type FencerWitness, type RenewAnswer } from './fencer.ts';
 import { fencerPaths, hrMono, readControl, readPulse } from './files.ts';
 import { procStartTicks, procStateLetter } from '../qemu/process.ts';
 import { etcdTransport } from '../witness/etcd.ts';
+import { httpTransport, type WitnessTransport } from '../witness/client.ts';
 
 const STEP_MS = 50;
 
@@ -27,24 +27,17 @@ function isFencer(pid: number): boolean {
 export async function runFencer(stateDir: string, log: Logger): Promise<void> {
   const paths = fencerPaths(stateDir);
   writeFileSync(paths.pid, `${process.pid}\n`);
-  const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
-  // etcd: one transport per configuration (it keeps its connections and auth token).
-  let etcd = null as { key: string; t: ReturnType<typeof etcdTransport> } | null;
-  const renew = async (w: FencerWitness, token: string, vm: string, epoch: number): Promise<RenewAnswer> => {
+  // The agent's own witness transport (HTTP(S) or etcd), one per configuration: it keeps its
+  // connections (and etcd's auth token) across renewals.
+  let cached = null as { key: string; t: WitnessTransport } | null;
+  let token = '';
+  const renew = async (w: FencerWitness, tok: string, vm: string, epoch: number): Promise<RenewAnswer> => {
     const t = Math.max(200, renewEveryMs(w.leaseMs) * 2);
-    if (w.etcd) {
-      const key = JSON.stringify(w.etcd);
-      if (etcd?.key !== key) { etcd?.t.close(); etcd = { key, t: etcdTransport(w.etcd) }; }
-      const r = await etcd.t.acquire(vm, { node: w.node, epoch, leaseMs: w.leaseMs }, t);
-      return { granted: r.status === 200 && r.body.granted, holder: r.body.holder, epoch: r.body.epoch, reason: r.body.reason };
-    }
-    const res = await request(`${w.url.replace(/\/$/, '')}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
-      method: 'POST', dispatcher, headersTimeout: t, bodyTimeout: t,
-      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ node: w.node, epoch, leaseMs: w.leaseMs }),
-    });
-    const b = (await res.body.json()) as { granted?: boolean; holder?: string; epoch?: number; reason?: string };
-    return { granted: res.statusCode === 200 && !!b.granted, holder: b.holder ?? '', epoch: b.epoch ?? 0, reason: b.reason };
+    const key = JSON.stringify([w.url, w.caFile ?? null, w.etcd ?? null]);
+    if (cached?.key !== key) { cached?.t.close(); cached = { key, t: w.etcd ? etcdTransport(w.etcd) : httpTransport(w.url, () => token, w.caFile) }; }
+    token = tok;
+    const r = await cached.t.acquire(vm, { node: w.node, epoch, leaseMs: w.leaseMs }, t);
+    return { granted: r.status === 200 && !!r.body.granted, holder: r.body.holder ?? '', epoch: r.body.epoch ?? 0, reason: r.body.reason };
   };
   const f = new Fencer({
     mono: hrMono,
@@ -64,8 +57,7 @@ export async function runFencer(stateDir: string, log: Logger): Promise<void> {
     process.once('SIGINT', resolve);
   });
   clearInterval(timer);
-  await dispatcher.close().catch(() => undefined);
-  etcd?.t.close();
+  cached?.t.close();
   log.info('fencer stopped');
 }
 

@@ -16,7 +16,7 @@ export function fencerControl(c: Config, vms: Map<string, FencedVm>): FencerCont
   const keep: FencerControl['vms'] = {};
   for (const [n, v] of vms) { const e = v.fencerEntry(); if (e) keep[n] = e; }
   return {
-    witness: { url: c.witness.url ?? '', etcd: c.witness.etcd ? etcdSettings(c.witness.etcd) : undefined, tokenFile: c.witness.token_file ?? c.api.token_file, leaseMs: c.witness.lease_ms, node: c.node.name },
+    witness: { url: c.witness.url ?? '', etcd: c.witness.etcd ? etcdSettings(c.witness.etcd) : undefined, tokenFile: c.witness.token_file ?? c.api.token_file, caFile: c.witness.ca_file, leaseMs: c.witness.lease_ms, node: c.node.name },
     heartbeatIntervalMs: c.heartbeat.interval_ms, vms: keep,
   };
 }

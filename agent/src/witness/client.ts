@@ -3,6 +3,7 @@
 // + lease length − margin): never later than the witness's own expiry, so a primary that
 // pauses itself when its lease runs out has always paused before the witness could grant the
 // VM to the other host.
+import { readFileSync } from 'node:fs';
 import { Agent, request } from 'undici';
 import type { Clock } from '../util/clock.ts';
 import type { Logger } from '../log/logger.ts';
@@ -11,6 +12,8 @@ import type { GateDecision, LeaseView, PromotionGate, WitnessStatus } from '../c
 
 export interface WitnessClientOptions {
   url: string; node: string; leaseMs: number; token: () => string; clock: Clock; log: Logger;
+  /** CA file trusted for an https:// witness (default: the system's CAs). */
+  caFile?: string;
   /** How requests reach the witness (default: HTTP with undici). The simulator passes its network. */
   transport?: WitnessTransport;
 }
@@ -23,8 +26,8 @@ export interface WitnessTransport {
   close(): void;
 }
 
-function httpTransport(url: string, token: () => string): WitnessTransport {
-  const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000 });
+export function httpTransport(url: string, token: () => string, caFile?: string): WitnessTransport {
+  const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000, connect: caFile ? { ca: readFileSync(caFile) } : undefined });
   const base = url.replace(/\/$/, '');
   return {
     async acquire(vm, req, timeoutMs) {
@@ -77,7 +80,7 @@ export class WitnessGate implements PromotionGate {
 
   constructor(o: WitnessClientOptions) {
     this.o = o;
-    this.transport = o.transport ?? httpTransport(o.url, o.token);
+    this.transport = o.transport ?? httpTransport(o.url, o.token, o.caFile);
     this.renewMs = Math.max(50, Math.floor(o.leaseMs / 5));
     // The control loop notices an expired lease up to one step (100 ms) late, and pausing takes
     // a few ms: stop trusting the lease well before the witness could give it away.

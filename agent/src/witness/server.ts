@@ -18,6 +18,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import { join } from 'node:path';
 import type { Logger } from '../log/logger.ts';
 import { createRouter, field, HttpError, intField, type Ctx, type Route } from '../api/http.ts';
@@ -33,6 +34,8 @@ export interface WitnessOptions {
   credentialsFile?: string;
   /** Without credentialsFile: the one token of every node. With it: a read-only token (optional). */
   tokenFile?: string;
+  /** HTTPS (the roles provision it): certificate chain and key, PEM. */
+  tls?: { certFile: string; keyFile: string };
 }
 
 const VM_NAME = /^[a-z][a-z0-9-]{0,30}$/;
@@ -172,12 +175,15 @@ export class WitnessServer {
     const handler = createRouter(this.routes(), { identify: (b) => this.identify(b), tokenHint: 'witness.token_file', maxBodyBytes: 4096, onError: (e) => this.o.log.error('witness error', { error: String(e) }) });
     const hp = parseHostPort(this.o.listen);
     if (!hp) throw new HttpError(400, 'BAD_LISTEN', `--listen must be ADDRESS:PORT with an IP address, got "${this.o.listen}"`);
-    this.server = createServer((q, s) => void handler(q, s));
+    this.server = this.o.tls
+      ? createHttpsServer({ cert: readFileSync(this.o.tls.certFile), key: readFileSync(this.o.tls.keyFile) }, (q, s) => void handler(q, s))
+      : createServer((q, s) => void handler(q, s));
     await new Promise<void>((resolve, reject) => {
       this.server!.once('error', reject);
       this.server!.listen(hp.port, hp.host, () => resolve());
     });
-    this.o.log.info('witness listening', { listen: this.o.listen, leases: this.table.size, dataDir: this.o.dataDir, auth: this.auth });
+    this.o.log.info('witness listening', { listen: this.o.listen, tls: !!this.o.tls, leases: this.table.size, dataDir: this.o.dataDir, auth: this.auth });
+    if (!this.o.tls) this.o.log.warn('plain HTTP: tokens and leases cross the network in clear; give --tls-cert and --tls-key');
   }
 
   async stop(): Promise<void> {
