@@ -91,8 +91,10 @@ async function up(): Promise<void> {
   writeFileSync(join(lab.dir, 'demo.up'), new Date().toISOString());
   say('');
   say(bold(`The pair is up (${((Date.now() - t0) / 1000).toFixed(0)} s). Try:`));
-  say(`  curl -s http://${lab.mgmt.A}:7480/health | python3 -m json.tool     ${dim('# 200 when protected')}`);
-  say(`  curl -s http://${lab.mgmt.B}:7480/metrics | grep ^ftkvm_`);
+  // TLS on every control connection: the lab's CA (made by the playbooks on this machine).
+  const ca = join(lab.dir, 'pki', 'ca.pem');
+  say(`  curl -s --cacert ${ca} https://${lab.mgmt.A}:7480/health | python3 -m json.tool     ${dim('# 200 when protected')}`);
+  say(`  curl -s --cacert ${ca} https://${lab.mgmt.B}:7480/metrics | grep ^ftkvm_`);
   say(`  sudo scripts/demo status                        ${dim('# ftkvm-agent status on both hosts')}`);
   say(`  sudo scripts/demo kill-primary                  ${dim("# SIGKILL the primary's QEMU, watch the takeover")}`);
   say(`  sudo scripts/demo exec A ftkvm-agent drill ${VM} --wait`);

@@ -1,5 +1,6 @@
 // The Ansible inventory for an nspawn lab (one pair + witness, one TCG test guest): used by
 // the converge test and by the local demo, so both provision exactly the same way.
+import { join } from 'node:path';
 import { testGuest } from './guest.ts';
 import type { NspawnLab } from './nspawn.ts';
 
@@ -22,6 +23,8 @@ export function writeLabInventory(lab: NspawnLab, o: { agentBinary: string; vm: 
 all:
   vars:
     ansible_user: root
+    # the lab's CA and certificates (ftkvm_pki), outside the inventory directory, which is rewritten
+    ftkvm_pki_dir: ${join(lab.dir, 'pki')}
   children:
     ftkvm_witness:
       hosts:

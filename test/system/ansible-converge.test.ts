@@ -44,9 +44,9 @@ function explain(r: PlaybookRun): string {
 }
 
 async function apiGet<T>(h: 'A' | 'B', path: string): Promise<T | null> {
-  const r = await lab.sh(h, `python3 -c 'import sys,urllib.request
+  const r = await lab.sh(h, `python3 -c 'import sys,ssl,urllib.request
 try:
-  print(urllib.request.urlopen("http://127.0.0.1:7480${path}", timeout=5).read().decode())
+  print(urllib.request.urlopen("https://127.0.0.1:7480${path}", timeout=5, context=ssl.create_default_context(cafile="/etc/ftkvm/tls/ca.pem")).read().decode())
 except urllib.error.HTTPError as e:
   print(e.read().decode())'`);
   try { return JSON.parse(r.stdout) as T; } catch { return null; }
@@ -160,7 +160,10 @@ step('site.yml converges the witness and the pair', 6 * 60_000, async (t) => {
   t.regex(await lab.exec('W', 'firewall-cmd --list-ports'), /7490\/tcp/);
   const wshow = await lab.exec('W', 'systemctl show ftkvm-witness -p ProtectSystem -p ExecStart');
   t.regex(wshow, /ProtectSystem=strict/);
-  t.regex(wshow, /witness --listen 0\.0\.0\.0:7490 --data-dir \/var\/lib\/ftkvm-witness --token-file \/etc\/ftkvm\/token --credentials \/etc\/ftkvm\/witness-credentials\.yml/);
+  t.regex(wshow, /witness --listen 0\.0\.0\.0:7490 --data-dir \/var\/lib\/ftkvm-witness --token-file \/etc\/ftkvm\/token --credentials \/etc\/ftkvm\/witness-credentials\.yml --tls-cert \/etc\/ftkvm\/tls\/node\.pem --tls-key \/etc\/ftkvm\/tls\/node\.key/);
+  // TLS on the control connections: the witness and both agents serve certificates from the lab's CA.
+  for (const h of ['A', 'B'] as const) t.regex(await lab.exec(h, 'openssl x509 -in /etc/ftkvm/tls/node.pem -noout -issuer -ext subjectAltName'), new RegExp(`ftkvm CA[\\s\\S]*IP Address:${lab.mgmt[h].replaceAll('.', '\\.')}`));
+  t.regex((await lab.sh('A', `openssl s_client -connect ${lab.mgmt.B}:7480 -CAfile /etc/ftkvm/tls/ca.pem -verify_return_error < /dev/null`)).stdout, /Verify return code: 0 \(ok\)/, 'A verifies B\'s API certificate');
   // Per-node identity: each host its own witness token, the witness only their digests with the
   // node and pair; the pair's heartbeat key on both hosts of the pair.
   const own = await Promise.all((['A', 'B'] as const).map((h) => lab.exec(h, 'cat /etc/ftkvm/witness-token')));
@@ -176,7 +179,7 @@ step('site.yml converges the witness and the pair', 6 * 60_000, async (t) => {
   t.not(keys[0], tokens[0], 'the heartbeat key is not the API token');
   t.regex(await lab.exec('W', 'journalctl -u ftkvm-witness -o cat --no-pager'), /credentials loaded .*nodes=2/);
   // the hosts reach the witness through its firewall
-  t.is((await lab.sh('A', `python3 -c 'import urllib.request; print(urllib.request.urlopen("http://${lab.mgmt.W}:7490/health", timeout=5).status)'`)).stdout.trim(), '200');
+  t.is((await lab.sh('A', `python3 -c 'import ssl,urllib.request; print(urllib.request.urlopen("https://${lab.mgmt.W}:7490/health", timeout=5, context=ssl.create_default_context(cafile="/etc/ftkvm/tls/ca.pem")).status)'`)).stdout.trim(), '200');
   t.log(`site.yml (first run): ${r.seconds.toFixed(1)} s, ${recapSummary(r)}`);
 });
 

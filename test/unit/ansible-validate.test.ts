@@ -14,13 +14,15 @@ interface Inv { hosts: Record<string, Record<string, unknown>>; pairVars?: Recor
 async function render(inv: Inv): Promise<{ code: number; out: string; dir: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'ftkvm-validate-'));
   for (const f of ['disk.qcow2', 'vmlinuz', 'initrd']) writeFileSync(join(dir, f), '');
+  for (const f of ['ca.pem', 'node.pem']) writeFileSync(join(dir, f), '');
+  writeFileSync(join(dir, 'node.key'), '', { mode: 0o600 });
   for (const f of ['token', 'heartbeat.key', 'witness-token']) writeFileSync(join(dir, f), `${f}-`.padEnd(32, 'x') + '\n', { mode: 0o600 });
   const doc = {
     all: {
       vars: {
         ansible_connection: 'local', ansible_python_interpreter: process.env.FTKVM_TEST_PYTHON ?? '/usr/bin/python3',
         ftkvm_agent_binary_src: AGENT_BIN, ftkvm_test_out_dir: dir, ftkvm_token_file: join(dir, 'token'),
-        ftkvm_heartbeat_key_file: join(dir, 'heartbeat.key'), ftkvm_witness_token_file: join(dir, 'witness-token'),
+        ftkvm_heartbeat_key_file: join(dir, 'heartbeat.key'), ftkvm_witness_token_file: join(dir, 'witness-token'), ftkvm_tls_dir: dir,
         ftkvm_qemu_binary: '/usr/bin/qemu-system-x86_64', ftkvm_qemu_img_binary: '/usr/bin/qemu-img', ...inv.allVars,
       },
       children: {
@@ -63,7 +65,9 @@ test('a good inventory renders an agent.yaml the agent accepts', async (t) => {
     const a = parse(readFileSync(join(r.dir, 'hostA.yaml'), 'utf8')) as Record<string, any>;
     t.deepEqual(a.node, { name: 'hostA', replication_address: '10.9.1.11' });
     t.deepEqual(a.peer, { name: 'hostB', addresses: ['10.9.1.12', '10.9.0.12'], replication_address: '10.9.1.12' });
-    t.is(a.witness.url, 'http://10.9.0.5:7490');
+    t.is(a.witness.url, 'https://10.9.0.5:7490', 'TLS by default');
+    t.is(a.witness.ca_file, join(r.dir, 'ca.pem'));
+    t.deepEqual(a.api.tls, { cert_file: join(r.dir, 'node.pem'), key_file: join(r.dir, 'node.key'), ca_file: join(r.dir, 'ca.pem') });
     t.is(a.witness.token_file, join(r.dir, 'witness-token'), 'this node\'s own witness token');
     t.is(a.heartbeat.key_file, join(r.dir, 'heartbeat.key'), 'the pair\'s heartbeat key');
     t.is(a.heartbeat.previous_key_file, undefined, 'no previous key on a new install');

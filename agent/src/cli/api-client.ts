@@ -6,7 +6,7 @@ import { loadConfigFile, realConfigFs } from '../config/load.ts';
 import { parseHostPort } from '../config/schema.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
 
-export interface ApiTarget { base: string; token: string | null; insecure: boolean }
+export interface ApiTarget { base: string; token: string | null; insecure: boolean; /** CA of the agent's certificate (api.tls.ca_file). */ caFile?: string }
 
 export function resolveTarget(opts: { config?: string; url?: string; tokenFile?: string; insecure?: boolean }): ApiTarget {
   const readToken = (f: string) => { try { return readFileSync(f, 'utf8').trim(); } catch { return null; } };
@@ -18,7 +18,7 @@ export function resolveTarget(opts: { config?: string; url?: string; tokenFile?:
   const hp = parseHostPort(c.api.listen)!;
   const host = hp.host === '0.0.0.0' ? '127.0.0.1' : hp.host === '::' ? '::1' : hp.host;
   const h = host.includes(':') ? `[${host}]` : host;
-  return { base: `${c.api.tls ? 'https' : 'http'}://${h}:${hp.port}`, token: readToken(opts.tokenFile ?? c.api.token_file), insecure: !!opts.insecure };
+  return { base: `${c.api.tls ? 'https' : 'http'}://${h}:${hp.port}`, token: readToken(opts.tokenFile ?? c.api.token_file), insecure: !!opts.insecure, caFile: c.api.tls?.ca_file };
 }
 
 export async function apiCall<T>(t: ApiTarget, method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = 10_000): Promise<{ status: number; json: T }> {
@@ -28,7 +28,8 @@ export async function apiCall<T>(t: ApiTarget, method: 'GET' | 'POST', path: str
     const res = await request(`${t.base}${path}`, {
       method, headers, body: body === undefined ? undefined : JSON.stringify(body),
       headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
-      dispatcher: t.insecure ? new UndiciAgent({ connect: { rejectUnauthorized: false } }) : undefined,
+      dispatcher: t.insecure ? new UndiciAgent({ connect: { rejectUnauthorized: false } })
+        : t.caFile ? new UndiciAgent({ connect: { ca: readFileSync(t.caFile) } }) : undefined,
     });
     const text = await res.body.text();
     return { status: res.statusCode, json: (text ? JSON.parse(text) : {}) as T };
