@@ -80,8 +80,8 @@ test('a node cannot act for another node, nor touch another pair\'s VM; refusals
   const r = await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 4));
   t.is(r.status, 403);
   t.is(r.json.error.code, 'READ_ONLY');
-  // ...but it may extend hostA's running lease at its epoch (agents not yet given their own token).
-  t.is((await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 3))).status, 200);
+  // ...nor renew for a node that uses its own token (see the switch test below for the one case it may).
+  t.is((await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 3))).status, 403);
   t.is((await call('POST', '/v1/leases/web1/acquire', READER, acquire('hostB', 3))).status, 403, 'not for another holder');
   t.is((await call('POST', '/v1/leases/web1/release', READER, { node: 'hostA', epoch: 3 })).status, 403, 'never a release');
   t.is((await call('POST', '/v1/leases/web1/acquire', 'x'.repeat(40), acquire('hostA', 4))).status, 403);
@@ -143,6 +143,13 @@ test('switching a witness from a shared token to per-node credentials keeps runn
   t.is(b.json.holder, 'hostA');
   t.deepEqual((await perNode.all()).map((l) => `${l.pair}/${l.vm}=${l.holder}@${l.epoch}`), ['p1/web1=hostA@5']);
   t.true(JSON.parse(readFileSync(join(dir, 'leases.json'), 'utf8'))['p1/web1'] !== undefined, 'stored under the new key');
+  // hostA's agent still on the site token keeps its lease: the site token may extend it, at its
+  // epoch and length only, and only until hostA uses its own token.
+  t.is((await perNode.call('POST', '/v1/leases/web1/acquire', READER, { ...acquire('hostA', 5), leaseMs: 100 })).status, 403, 'never shortened');
+  t.is((await perNode.call('POST', '/v1/leases/web1/acquire', READER, { ...acquire('hostA', 5), leaseMs: 60000 })).status, 403, 'never lengthened');
+  t.is((await perNode.call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 5))).status, 200);
+  t.is((await perNode.call('POST', '/v1/leases/web1/acquire', tok('hostA'), acquire('hostA', 5))).status, 200);
+  t.is((await perNode.call('POST', '/v1/leases/web1/acquire', READER, acquire('hostA', 5))).status, 403, 'hostA speaks for itself now');
 });
 
 test('HTTPS witness: the agent\'s client trusts it through witness.ca_file; without the CA it cannot renew', async (t) => {

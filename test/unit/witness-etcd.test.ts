@@ -51,6 +51,22 @@ test('the lease rules on etcd: grant, renew, refuse while valid, grant after exp
   t.is((await w.acquire('vm', req('hostA', 3), T)).status, 200);
 });
 
+test('a lease in its last second (etcd reads its TTL as 0) still refuses a takeover', async (t) => {
+  const c = await cluster(t);
+  const a = etcdTransport(settings(c)), b = etcdTransport(settings(c));
+  t.teardown(() => { a.close(); b.close(); });
+  const sentA = performance.now();
+  t.is((await a.acquire('vm', req('hostA', 1, 2000), T)).status, 200);
+  let grantedAt: number | null = null;
+  while (grantedAt === null && performance.now() - sentA < 6000) {
+    const r = await b.acquire('vm', req('hostB', 2, 2000), T);
+    if (r.status === 200) grantedAt = performance.now();
+    else await sleep(20);
+  }
+  t.truthy(grantedAt, 'B granted once A\'s lease expired');
+  t.true(grantedAt! - sentA >= 2000, `B granted ${Math.round(grantedAt! - sentA)} ms after A's grant was asked for: never before A's 2 s lease ran out`);
+});
+
 test('racing takeovers of one epoch: etcd\'s transactions let exactly one node win', async (t) => {
   const c = await cluster(t);
   const ws = Array.from({ length: 8 }, () => etcdTransport(settings(c)));

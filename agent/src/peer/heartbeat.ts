@@ -198,6 +198,9 @@ export class HeartbeatService {
     if (msg.v !== 2) { this.reject(address, port, `heartbeat format v${String(msg.v)}, this agent speaks v2 (upgrade both hosts)`); return; }
     if (msg.from === this.o.node) { this.reject(address, port, 'our own datagram: a peer address points at this host (peer.addresses)'); return; }
     if (msg.from !== this.o.peer) { this.reject(address, port, `from "${String(msg.from)}", not the peer "${this.o.peer}"`); return; }
+    // A peer signing with the previous key (it restarted on it: a rollback) gets copies signed
+    // with it again; a replayed old datagram can only cause those harmless extra copies.
+    if (key !== this.o.key && this.peerHasKey) { this.peerHasKey = false; this.o.log.warn('the peer signs with the previous heartbeat key again: sending copies signed with it', { peer: this.o.peer }); }
     if (msg.t === 'ping') {
       // Always answered: the pong proves to the peer only what its own ping's age says.
       this.lastPeerPing = { inst: msg.inst, seq: msg.seq };
@@ -215,6 +218,7 @@ export class HeartbeatService {
     if (this.peerInstance !== msg.inst) {
       if (this.peerInstance !== null) this.o.log.info('peer agent restarted', { peer: this.o.peer });
       this.peerInstance = msg.inst;
+
     }
     if (msg.t === 'pong') {
       const p = this.paths[msg.path];

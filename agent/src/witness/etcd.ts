@@ -80,9 +80,11 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
           body: JSON.stringify(body),
         });
         const json = (await res.body.json()) as Record<string, unknown>;
-        const err = (json.error ?? (res.statusCode >= 400 ? json.message : undefined)) as string | undefined;
+        // Unary calls answer {error, code, message}; streaming ones (keep-alive) {error: {grpc_code, message}}.
+        const e = json.error as string | { grpc_code?: number; message?: string } | undefined;
+        const err = typeof e === 'object' && e !== null ? (e.message ?? 'etcd error') : (e ?? (res.statusCode >= 400 ? String(json.message ?? `HTTP ${res.statusCode}`) : undefined));
         if (err !== undefined) {
-          const code = Number(json.code ?? 2);
+          const code = Number((typeof e === 'object' && e !== null ? e.grpc_code : json.code) ?? 2);
           if (code === 16 && authed && s.user) token = null; // expired auth token: authenticate again (next try)
           throw new EtcdError(code, err);
         }
@@ -116,8 +118,9 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
 
   /** Remaining seconds after renewing; 0 when the lease is gone. */
   const keepAlive = (lease: string, t: number) => post<{ TTL?: string }>('/v3/lease/keepalive', { ID: lease }, t)
-    .then((r) => Number(r.TTL ?? 0), (e) => { if (e instanceof EtcdError && e.grpcCode === 5) return 0; throw e; });
-  const ttlOf = async (lease: string, t: number) => Number((await post<{ TTL: string }>('/v3/lease/timetolive', { ID: lease }, t)).TTL);
+    .then((r) => { const n = Number(r.TTL ?? 0); return Number.isFinite(n) ? n : 0; }, (e) => { if (e instanceof EtcdError && e.grpcCode === 5) return 0; throw e; });
+  /** Remaining whole seconds (the gateway leaves out a 0, and -1 means gone): never NaN. */
+  const ttlOf = async (lease: string, t: number) => { const n = Number((await post<{ TTL?: string }>('/v3/lease/timetolive', { ID: lease }, t)).TTL ?? 0); return Number.isFinite(n) ? n : 0; };
   const revoke = (lease: string, t: number) => post('/v3/lease/revoke', { ID: lease }, t).catch(() => undefined);
 
   /** One transaction: it applies only if both keys are as read (else someone else changed them first). */
@@ -158,7 +161,8 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
         const now = 0; // lease.ts times: "live" present = valid for its TTL, absent = expired
         const cur: Lease | undefined = seen.epoch ? {
           holder: seen.epoch.holder, epoch: seen.epoch.epoch, grantedAt: now, leaseMs: req.leaseMs,
-          // "live" still there counts as valid, even at TTL <= 0 (etcd is deleting it): ask again shortly
+          // "live" still there is a valid lease, whatever its TTL reads (< 1 s reads 0; at <= 0 etcd
+          // is deleting it): refused, ask again shortly. Only its absence lets another node in.
           expiresAt: seen.live ? now + Math.max(100, 1000 * await ttlOf(seen.live.lease, timeoutMs)) : now - 1,
         } : undefined;
         const d = decideAcquire(cur, req, now);
@@ -178,9 +182,12 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
     async release(vm, req, timeoutMs) {
       mine.delete(vm);
       const seen = await read(vm, timeoutMs);
-      if (!seen.live || seen.live.holder !== req.node || seen.live.epoch !== req.epoch) return { status: 409 };
+      // As lease.ts decideRelease: only the holder at its epoch; an already expired lease is released.
+      if (!seen.epoch || seen.epoch.holder !== req.node || seen.epoch.epoch !== req.epoch) return { status: 409 };
+      if (!seen.live) return { status: 200 };
       // Revoking the lease deletes "live" at once; "epoch" stays (the successor needs a newer one).
-      await post('/v3/lease/revoke', { ID: seen.live.lease }, timeoutMs);
+      // NotFound: it expired meanwhile, which is released too.
+      await post('/v3/lease/revoke', { ID: seen.live.lease }, timeoutMs).catch((e) => { if (!(e instanceof EtcdError && e.grpcCode === 5)) throw e; });
       return { status: 200 };
     },
     async health(timeoutMs) {

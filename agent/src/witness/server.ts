@@ -53,6 +53,8 @@ export class WitnessServer {
   private identify: (bearer: string) => Principal | null = () => null;
   private auth: 'per-node' | 'shared-token' = 'shared-token';
   private pairOf: (node: string) => string | null = () => null;
+  /** Nodes that have renewed with their own token since this witness started: the site token no longer speaks for them. */
+  private readonly ownToken = new Set<string>();
 
   constructor(o: WitnessOptions) {
     this.o = o;
@@ -118,7 +120,10 @@ export class WitnessServer {
           const { key, node } = scope(ctx, vm, b, 'acquire');
           const epoch = epochOf(b);
           const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
-          if (who(ctx).kind === 'reader' && !this.table.extendsValidLease(key, { node, epoch, leaseMs })) throw readOnly();
+          // The site token stands in for a node only until that node uses its own token.
+          if (who(ctx).kind === 'reader' && (this.ownToken.has(node) || !this.table.extendsValidLease(key, { node, epoch, leaseMs }))) throw readOnly();
+          const p = who(ctx);
+          if (p.kind === 'node') this.ownToken.add(p.node);
           const r = this.table.acquire(key, { node, epoch, leaseMs });
           if (r.changed) this.o.log.info('lease granted', { lease: key, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
           return { status: r.status, json: r.body };
@@ -146,27 +151,37 @@ export class WitnessServer {
     if (this.o.credentialsFile) {
       const creds = Credentials.load(this.o.credentialsFile);
       if (token !== null) creds.withReader(token);
+      // Leases stored by an earlier shared-token witness: filed under their holder's pair (one
+      // durable write) before the new identities take effect.
+      const moves: [string, string][] = [];
+      for (const key of this.table.keys().filter((k) => !k.includes('/'))) {
+        const holder = this.table.view(key)!.holder;
+        const pair = creds.pairOf(holder);
+        if (pair) moves.push([key, `${pair}/${key}`]);
+        else this.o.log.error('a stored lease names a node the credentials do not know: it stays under the VM name, where no node can renew it', { vm: key, holder });
+      }
+      const moved = this.table.rekey(moves);
+      if (moved) this.o.log.info('leases filed under their holder\'s pair', { moved });
       this.identify = (bearer) => creds.identify(bearer);
       this.pairOf = (node) => creds.pairOf(node);
       this.auth = 'per-node';
-      // Leases stored by an earlier shared-token witness: file them under their holder's pair.
-      for (const key of this.table.keys()) {
-        const pair = key.includes('/') ? null : creds.pairOf(this.table.view(key)!.holder);
-        if (pair && this.table.rekey(key, `${pair}/${key}`)) this.o.log.info('lease filed under its holder\'s pair', { lease: `${pair}/${key}` });
-      }
       this.o.log.info('credentials loaded', { file: this.o.credentialsFile, nodes: creds.nodes, pairs: creds.pairs, readerToken: token !== null });
       return;
     }
     if (token === null) throw new HttpError(400, 'NO_CREDENTIALS', 'give --credentials FILE (one token per node) or --token-file FILE (one shared token)');
+    // Leases stored by a per-node witness: back under the VM name, where that name is unique.
+    const keys = this.table.keys();
+    const moves: [string, string][] = [];
+    for (const key of keys.filter((k) => k.includes('/'))) {
+      const vm = key.slice(key.indexOf('/') + 1);
+      if (keys.filter((k) => k === vm || k.endsWith(`/${vm}`)).length === 1) moves.push([key, vm]);
+      else this.o.log.error('two pairs hold leases for this VM name: shared-token mode cannot tell them apart; the leases stay per pair, where no node can renew them', { vm });
+    }
+    const moved = this.table.rekey(moves);
+    if (moved) this.o.log.info('leases filed under their VM names (shared-token mode)', { moved });
     const shared: Principal = { kind: 'shared' };
     this.identify = (bearer) => (safeEqual(bearer, token) ? shared : null);
     this.auth = 'shared-token';
-    // Leases stored by a per-node witness: back under the VM name, where that name is unique.
-    const keys = this.table.keys();
-    for (const key of keys) {
-      const vm = key.slice(key.indexOf('/') + 1);
-      if (key.includes('/') && keys.filter((k) => k.endsWith(`/${vm}`)).length === 1 && this.table.rekey(key, vm)) this.o.log.info('lease filed under its VM name (shared-token mode)', { lease: vm, was: key });
-    }
     this.o.log.warn('shared-token mode: whoever holds the token can take any VM\'s lease for any node; give --credentials for per-node identity');
   }
 

@@ -59,10 +59,10 @@ export class LeaseTable {
     return { status: 200, body: { released: true } };
   }
 
-  /** `req` would only extend a lease its holder holds now, at its epoch (nothing changes hands). */
+  /** `req` would only extend a lease its holder holds now, at its epoch and length (nothing changes hands, nothing shortens). */
   extendsValidLease(key: string, req: AcquireRequest): boolean {
     const cur = this.leases.get(key);
-    return isRenewal(cur, req) && cur!.expiresAt > this.now();
+    return isRenewal(cur, req) && cur!.expiresAt > this.now() && req.leaseMs === cur!.leaseMs;
   }
 
   /** Keys of every lease (the server scopes them by pair). */
@@ -73,17 +73,15 @@ export class LeaseTable {
    * changes how it keys leases (shared token <-> per-node credentials) must not forget a lease
    * that is still running, or it could grant the VM to the other host while the holder runs it.
    */
-  rekey(from: string, to: string): boolean {
-    const l = this.leases.get(from);
-    if (!l || this.leases.has(to)) return false;
+  rekey(moves: [from: string, to: string][]): number {
+    const ok = moves.filter(([from, to]) => this.leases.has(from) && !this.leases.has(to) && from !== to);
+    if (ok.length === 0) return 0;
     const next = this.stored();
-    delete next[from];
-    next[to] = { holder: l.holder, epoch: l.epoch, leaseMs: l.leaseMs, grantedAt: l.grantedAt };
-    this.medium.save(next);
+    for (const [from, to] of ok) { next[to] = next[from]!; delete next[from]; }
+    this.medium.save(next); // all moves in one durable write, or none (throws)
     this.writes++;
-    this.leases.delete(from);
-    this.leases.set(to, l);
-    return true;
+    for (const [from, to] of ok) { this.leases.set(to, this.leases.get(from)!); this.leases.delete(from); }
+    return ok.length;
   }
 
   view(vm: string): { vm: string; holder: string; epoch: number; expiresInMs: number; leaseMs: number } | null {
