@@ -157,7 +157,7 @@ let port = 27400;
 for (const b of backends) {
   for (const n of sizes) {
     if (b === 'embedded') rows.push(await run(n, port++));
-    else if (b === 'etcd') { rows.push(await runEtcd(n, 34600 + (port++ % 50) * 8)); }
+    else if (b === 'etcd') rows.push(await runEtcd(n, 25000 + (port++ % 50) * 8)); // below the ephemeral ports (32768+)
     else throw new Error(`--backend: embedded or etcd, got ${b}`);
   }
 }

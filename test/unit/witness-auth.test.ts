@@ -12,7 +12,8 @@ import { memoryLogger } from '../../agent/src/log/logger.ts';
 import { WitnessGate } from '../../agent/src/witness/client.ts';
 import { systemClock, sleep } from '../../agent/src/util/clock.ts';
 
-let nextPort = 31000 + (process.pid % 1000) * 3;
+// Below 32768: ports in the ephemeral range can be taken by any outgoing connection.
+let nextPort = 20000 + (process.pid % 500) * 4;
 const tok = (n: string) => `token-of-${n}-`.padEnd(40, 'x');
 const READER = 'r'.repeat(32);
 const NODES = { hostA: 'p1', hostB: 'p1', hostC: 'p2', hostD: 'p2' } as const;

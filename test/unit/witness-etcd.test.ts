@@ -10,7 +10,8 @@ import { WitnessGate } from '../../agent/src/witness/client.ts';
 import { memoryLogger } from '../../agent/src/log/logger.ts';
 import { systemClock, sleep } from '../../agent/src/util/clock.ts';
 
-let nextPort = 33000 + (process.pid % 500) * 8;
+// Below 32768 (ephemeral ports can be taken by any outgoing connection); 5 clusters of 8 ports per run.
+let nextPort = 22100 + (process.pid % 100) * 48;
 const T = 2000; // request timeout
 
 async function cluster(t: import('ava').ExecutionContext, size: 1 | 3 = 1): Promise<EtcdCluster> {
