@@ -2,7 +2,7 @@
 // answers each ping with a pong. Per path we know when we last heard back and the RTT. The
 // peer's agent is "silent" only when NO path delivered anything for the timeout, so one cut
 // link never looks like a dead peer. Datagrams carry the peer's VM summaries and are
-// authenticated with an HMAC over the shared API token.
+// authenticated with an HMAC under the pair's heartbeat key (heartbeat.key_file; default the API token).
 //
 // Freshness: an authentic datagram can still be old (replayed by someone on the path, or queued
 // in our socket while this agent was stopped: a primary whose agent slept 23 s once read the
