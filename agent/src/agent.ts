@@ -21,6 +21,7 @@ import { FtkvmError, errorMessage } from './util/errors.ts';
 import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
 import { WitnessGate } from './witness/client.ts';
 import { etcdSettings, etcdTransport } from './witness/etcd.ts';
+import { readSecret } from './util/secret.ts';
 import { ReceivedBytes } from './colo/replica-health.ts';
 import { VmController, type VmStatus } from './colo/vm.ts';
 import { VERSION, COMMIT } from './version.ts';
@@ -283,13 +284,6 @@ export class Agent {
   }
 
   peerStateFile() { return this.store.snapshot(); }
-}
-
-/** A token or key file: trimmed, at least 16 characters. */
-function readSecret(file: string): string {
-  const s = readFileSync(file, 'utf8').trim();
-  if (s.length < 16) throw new FtkvmError('TOKEN_WEAK', `${file}: must hold at least 16 characters`);
-  return s;
 }
 
 /** The witness protocol on etcd (witness/etcd.ts): the same gate, another transport. */

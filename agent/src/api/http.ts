@@ -85,7 +85,8 @@ function bearerOf(req: IncomingMessage): string | null {
   return m ? m[1]!.trim() : null;
 }
 
-function tokenOk(bearer: string, token: string): boolean {
+/** Constant-time comparison of a bearer token with the expected one (false when none is set). */
+export function tokenOk(bearer: string, token: string): boolean {
   if (!token) return false;
   const a = Buffer.from(bearer), b = Buffer.from(token);
   return a.length === b.length && timingSafeEqual(a, b);

@@ -16,6 +16,8 @@
 //
 // Pure core with injected I/O (clock, files, HTTP, signals): unit-tested with fakes.
 
+import type { EtcdSettings } from '../witness/etcd.ts';
+
 export interface FencerWitness {
   url: string; tokenFile: string; leaseMs: number; node: string;
   /** CA of an https:// witness. */
@@ -42,8 +44,6 @@ export interface AgentPulse {
   /** VMs the agent has fenced (or is fencing) itself: nothing for the fencer to add. */
   fenced: string[];
 }
-
-import type { EtcdSettings } from '../witness/etcd.ts';
 
 export interface RenewAnswer { granted: boolean; holder: string; epoch: number; reason?: string }
 

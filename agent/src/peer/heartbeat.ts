@@ -218,7 +218,6 @@ export class HeartbeatService {
     if (this.peerInstance !== msg.inst) {
       if (this.peerInstance !== null) this.o.log.info('peer agent restarted', { peer: this.o.peer });
       this.peerInstance = msg.inst;
-
     }
     if (msg.t === 'pong') {
       const p = this.paths[msg.path];

@@ -35,7 +35,9 @@ const fileSchema = z.object({
 export const sha256 = (s: string): string => createHash('sha256').update(s).digest('hex');
 
 export class Credentials {
-  private constructor(private readonly byDigest: Map<string, Principal>, readonly nodes: number, readonly pairs: number) {}
+  private constructor(private readonly byDigest: Map<string, Principal>, private readonly pairByNode: Map<string, string>, readonly pairs: number) {}
+
+  get nodes(): number { return this.pairByNode.size; }
 
   /** Parses and checks the whole file; throws BAD_CREDENTIALS naming the first problem (nothing half-loaded). */
   static load(file: string): Credentials {
@@ -53,7 +55,8 @@ export class Credentials {
       if (other?.kind === 'node') throw new FtkvmError('BAD_CREDENTIALS', `${file}: nodes ${other.node} and ${node} have the same token`);
       byDigest.set(c.token_sha256, { kind: 'node', node, pair: c.pair });
     }
-    return new Credentials(byDigest, byDigest.size, new Set(Object.values(r.data.nodes).map((n) => n.pair)).size);
+    const pairByNode = new Map(Object.entries(r.data.nodes).map(([node, c]) => [node, c.pair]));
+    return new Credentials(byDigest, pairByNode, new Set(pairByNode.values()).size);
   }
 
   /** Adds the read-only token (the witness's --token-file); refused when a node already uses it. */
@@ -65,10 +68,7 @@ export class Credentials {
   }
 
   /** The pair of a node named in the file, or null. */
-  pairOf(node: string): string | null {
-    for (const p of this.byDigest.values()) if (p.kind === 'node' && p.node === node) return p.pair;
-    return null;
-  }
+  pairOf(node: string): string | null { return this.pairByNode.get(node) ?? null; }
 
   /** The principal of a bearer token, or null. A map lookup of its digest: the timing says nothing about the token. */
   identify(token: string): Principal | null { return this.byDigest.get(sha256(token)) ?? null; }

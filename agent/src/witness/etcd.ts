@@ -13,7 +13,7 @@ import { readFileSync } from 'node:fs';
 import { Agent, request, type Dispatcher } from 'undici';
 import { decideAcquire, type Lease } from './lease.ts';
 import type { AcquireAnswer, WitnessTransport } from './client.ts';
-import { FtkvmError, errorMessage } from '../util/errors.ts';
+import { FtkvmError } from '../util/errors.ts';
 import type { Config } from '../config/schema.ts';
 
 export interface EtcdSettings {
@@ -34,6 +34,8 @@ const DEFINITIVE = new Set([3, 5, 7]);
 
 const b64 = (s: string) => Buffer.from(s).toString('base64');
 const unb64 = (s: string) => Buffer.from(s, 'base64').toString('utf8');
+/** An int64 count of seconds from the gateway, which leaves out zeros: never NaN. */
+const seconds = (v: string | undefined): number => { const n = Number(v ?? 0); return Number.isFinite(n) ? n : 0; };
 /** The key just after every key starting with `p` (etcd range_end of a prefix). */
 const prefixEnd = (p: string) => b64(p.slice(0, -1) + String.fromCharCode(p.charCodeAt(p.length - 1) + 1));
 
@@ -118,13 +120,14 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
 
   /** Remaining seconds after renewing; 0 when the lease is gone. */
   const keepAlive = (lease: string, t: number) => post<{ TTL?: string }>('/v3/lease/keepalive', { ID: lease }, t)
-    .then((r) => { const n = Number(r.TTL ?? 0); return Number.isFinite(n) ? n : 0; }, (e) => { if (e instanceof EtcdError && e.grpcCode === 5) return 0; throw e; });
-  /** Remaining whole seconds (the gateway leaves out a 0, and -1 means gone): never NaN. */
-  const ttlOf = async (lease: string, t: number) => { const n = Number((await post<{ TTL?: string }>('/v3/lease/timetolive', { ID: lease }, t)).TTL ?? 0); return Number.isFinite(n) ? n : 0; };
+    .then((r) => seconds(r.TTL), (e) => { if (e instanceof EtcdError && e.grpcCode === 5) return 0; throw e; });
+  const ttlOf = async (lease: string, t: number) => seconds((await post<{ TTL?: string }>('/v3/lease/timetolive', { ID: lease }, t)).TTL);
   const revoke = (lease: string, t: number) => post('/v3/lease/revoke', { ID: lease }, t).catch(() => undefined);
 
-  /** One transaction: it applies only if both keys are as read (else someone else changed them first). */
-  /** The etcd lease of the grant, or null when the keys changed since they were read. */
+  /**
+   * One transaction: it applies only if both keys are as read (else someone else changed them
+   * first). The etcd lease of the grant, or null when the keys had changed.
+   */
   async function grant(vm: string, seen: Read, h: Held, leaseMs: number, t: number): Promise<string | null> {
     const lease = (await post<{ ID: string }>('/v3/lease/grant', { TTL: Math.ceil(leaseMs / 1000) }, t)).ID;
     const same = (key: string, rev: string | undefined) => ({ key: b64(base(`${vm}/${key}`)), target: 'MOD', result: 'EQUAL', mod_revision: rev ?? '0' });
@@ -143,10 +146,14 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
   return {
     describe: () => `etcd ${s.endpoints.join(',')} ${base('')}`,
     async acquire(vm, req, timeoutMs) {
+      const granted = (lease: string, ms: number) => {
+        mine.set(vm, { node: req.node, epoch: req.epoch, lease });
+        return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: ms } };
+      };
       const m = mine.get(vm);
       if (m && m.node === req.node && m.epoch === req.epoch) {
         const ttl = await keepAlive(m.lease, timeoutMs);
-        if (ttl > 0) return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: ttl * 1000 } };
+        if (ttl > 0) return granted(m.lease, ttl * 1000);
       }
       mine.delete(vm);
       for (let attempt = 0; attempt < 3; attempt++) {
@@ -154,8 +161,7 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
         // Renewal: the holder at its epoch with its lease alive: a keep-alive, nothing written.
         if (seen.live && seen.live.holder === req.node && seen.live.epoch === req.epoch && seen.epoch?.epoch === req.epoch) {
           const ttl = await keepAlive(seen.live.lease, timeoutMs);
-          if (ttl > 0) mine.set(vm, { node: req.node, epoch: req.epoch, lease: seen.live.lease });
-          if (ttl > 0) return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: ttl * 1000 } };
+          if (ttl > 0) return granted(seen.live.lease, ttl * 1000);
           continue; // expired between the read and the keep-alive: read again
         }
         const now = 0; // lease.ts times: "live" present = valid for its TTL, absent = expired
@@ -171,10 +177,7 @@ export function etcdTransport(s: EtcdSettings, opts: { dispatcher?: Dispatcher }
           return { status: 409, body };
         }
         const lease = await grant(vm, seen, { holder: req.node, epoch: req.epoch }, req.leaseMs, timeoutMs);
-        if (lease !== null) {
-          mine.set(vm, { node: req.node, epoch: req.epoch, lease });
-          return { status: 200, body: { granted: true, holder: req.node, epoch: req.epoch, expiresInMs: Math.ceil(req.leaseMs / 1000) * 1000 } };
-        }
+        if (lease !== null) return granted(lease, Math.ceil(req.leaseMs / 1000) * 1000);
       }
       const seen = await read(vm, timeoutMs);
       return { status: 409, body: { granted: false, holder: seen.epoch?.holder ?? '', epoch: seen.epoch?.epoch ?? 0, expiresInMs: 0, reason: 'contended: the lease changed while it was being taken', retryAfterMs: 100 } };
@@ -205,7 +208,7 @@ export async function etcdLeader(endpoints: string[]): Promise<{ endpoint: strin
       const res = await request(`${e.replace(/\/$/, '')}/v3/maintenance/status`, { method: 'POST', body: '{}', headersTimeout: 1000, bodyTimeout: 1000 });
       const j = (await res.body.json()) as { header?: { member_id: string }; leader?: string };
       if (j.header && j.leader === j.header.member_id) return { endpoint: e, memberId: j.leader };
-    } catch (err) { void errorMessage(err); }
+    } catch { /* down or unreachable: ask the next member */ }
   }
   return null;
 }

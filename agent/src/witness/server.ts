@@ -15,13 +15,13 @@
 //   GET  /health               200 {ok: true, leases: N, auth: per-node|shared-token}
 // A new holder or epoch is written to disk (temp file, fsync, rename) before it is answered; a
 // renewal is not (table.ts). Expiries run on the monotonic clock.
-import { timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { join } from 'node:path';
 import type { Logger } from '../log/logger.ts';
-import { createRouter, field, HttpError, intField, type Ctx, type Route } from '../api/http.ts';
+import { createRouter, field, HttpError, intField, tokenOk, type Ctx, type Route } from '../api/http.ts';
+import { readSecret } from '../util/secret.ts';
 import { parseHostPort } from '../config/schema.ts';
 import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
 import { MAX_EPOCH, MAX_LEASE_MS, MIN_LEASE_MS } from './lease.ts';
@@ -40,8 +40,6 @@ export interface WitnessOptions {
 
 const VM_NAME = /^[a-z][a-z0-9-]{0,30}$/;
 const PAIR_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
-
-const safeEqual = (a: string, b: string) => { const x = Buffer.from(a), y = Buffer.from(b); return x.length === y.length && timingSafeEqual(x, y); };
 
 const epochOf = (b: unknown): number => intField(b, 'epoch', 1, MAX_EPOCH, true)!;
 
@@ -121,8 +119,8 @@ export class WitnessServer {
           const epoch = epochOf(b);
           const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
           // The site token stands in for a node only until that node uses its own token.
-          if (who(ctx).kind === 'reader' && (this.ownToken.has(node) || !this.table.extendsValidLease(key, { node, epoch, leaseMs }))) throw readOnly();
           const p = who(ctx);
+          if (p.kind === 'reader' && (this.ownToken.has(node) || !this.table.extendsValidLease(key, { node, epoch, leaseMs }))) throw readOnly();
           if (p.kind === 'node') this.ownToken.add(p.node);
           const r = this.table.acquire(key, { node, epoch, leaseMs });
           if (r.changed) this.o.log.info('lease granted', { lease: key, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
@@ -146,8 +144,7 @@ export class WitnessServer {
 
   /** (Re)reads the credentials and token; on any error keeps what it had and throws (nothing half-applied). */
   reload(): void {
-    const token = this.o.tokenFile ? readFileSync(this.o.tokenFile, 'utf8').trim() : null;
-    if (token !== null && token.length < 16) throw new HttpError(400, 'TOKEN_WEAK', `${this.o.tokenFile}: token must be at least 16 characters`);
+    const token = this.o.tokenFile ? readSecret(this.o.tokenFile) : null;
     if (this.o.credentialsFile) {
       const creds = Credentials.load(this.o.credentialsFile);
       if (token !== null) creds.withReader(token);
@@ -180,7 +177,7 @@ export class WitnessServer {
     const moved = this.table.rekey(moves);
     if (moved) this.o.log.info('leases filed under their VM names (shared-token mode)', { moved });
     const shared: Principal = { kind: 'shared' };
-    this.identify = (bearer) => (safeEqual(bearer, token) ? shared : null);
+    this.identify = (bearer) => (tokenOk(bearer, token) ? shared : null);
     this.auth = 'shared-token';
     this.o.log.warn('shared-token mode: whoever holds the token can take any VM\'s lease for any node; give --credentials for per-node identity');
   }
