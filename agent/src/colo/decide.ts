@@ -147,7 +147,7 @@ export function decide(i: DecideInput): Action {
       if (i.peer !== 'alive' || !pv) return none('unprotected: peer not available');
       if (isPrimaryState(pv.state) && pv.qemu) return none('peer also claims the VM; waiting for it to yield');
       if (!i.replPathUp) return none('unprotected: replication network to the peer is down');
-      if (i.nowMono < i.nextProtectAt) return none('unprotected: waiting before the next protection attempt');
+      if (i.nowMono < i.nextProtectAt) return none(`unprotected: next protection attempt in ${Math.ceil(i.nextProtectAt - i.nowMono)} ms (settling after a takeover, or backing off after a failed attempt)`);
       return { kind: 'protect', why: `peer is up and has no replica (peer state ${pv.state})` };
     }
     case 'protected': {

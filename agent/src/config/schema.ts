@@ -113,6 +113,12 @@ export const configSchema = z.object({
     startup_peer_wait_ms: ms(0, 600_000).default(15_000),
     resync_retry_min_ms: ms(100, 600_000).default(2_000),
     resync_retry_max_ms: ms(100, 3_600_000).default(60_000),
+    // After a takeover, wait this long before re-protecting: the first checkpoint of a new
+    // replica pauses the guest (~1 s under TCG for 256 MiB), and a client retransmission that
+    // arrives meanwhile waits for it (bench/failover: a third of the rounds ~1 s slower).
+    // Clients retransmit after 200, 600, 1400 ms (Linux's minimum RTO, doubling): 2000 ms lets
+    // the retransmissions of a sub-second failover be served first, for 2 s more unprotected.
+    reprotect_delay_ms: ms(0, 600_000).default(2_000),
     checkpoint_stall_ms: ms(1_000, 600_000).optional(),
     // A sustained checkpoint rate above this (outputs keep mismatching) marks the secondary
     // sick: it is rebuilt. 0 disables the check.

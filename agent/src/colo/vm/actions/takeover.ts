@@ -55,8 +55,10 @@ export async function takeover(c: VmCore, why: string, opts: { fromDisk?: boolea
   c.d.metrics.failover(c.name, requested ? 'requested' : /QEMU is gone/.test(why) ? 'primary-qemu-gone' : 'primary-lost');
   const detection = requested ? null : lastHeard;
   c.lastFailover = { at: c.d.clock.now(), kind: 'takeover', reason: why, sequenceMs: seqMs, detectionMs: detection, durationMs: seqMs + (detection ?? 0) };
-  c.log.info('took over as primary', { epoch: g.epoch, sequenceMs: seqMs, detectionMs: detection, why });
-  c.nextProtectAt = 0;
+  const settle = c.d.config.colo.reprotect_delay_ms;
+  c.log.info('took over as primary', { epoch: g.epoch, sequenceMs: seqMs, detectionMs: detection, reprotectInMs: settle, why });
+  // Clients first: re-protection's first checkpoint pauses the guest (colo.reprotect_delay_ms).
+  c.nextProtectAt = c.d.clock.mono() + settle;
   c.setState('standalone', `took over at epoch ${g.epoch}: ${why}`);
 }
 
