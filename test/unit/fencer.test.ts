@@ -149,3 +149,31 @@ test('a live agent fences by itself: the fencer stays out of its way, and steps 
   t.deepEqual(r2.signals, ['SIGSTOP 4242']);
   t.true(frozenAfterMs < 1000 + 150, `frozen ${frozenAfterMs} ms after the witness went away: before lease (1000) + nothing`);
 });
+
+test('the fencer\'s renewals of one step go to the witness in one request; one by one when the transport cannot batch', async (t) => {
+  const { coalescedRenewals } = await import('../../agent/src/fence/renewals.ts');
+  const w = { url: 'http://w', tokenFile: '/t', leaseMs: 1000, node: 'hostA' };
+  const calls: string[] = [];
+  const mk = (batch: 'yes' | 'old' | 'none' | 'down') => ({
+    acquire: async (vm: string, req: { epoch: number }) => { calls.push(`acquire ${vm}@${req.epoch}`); return { status: vm === 'db' ? 409 : 200, body: { granted: vm !== 'db', holder: vm === 'db' ? 'hostB' : 'hostA', epoch: vm === 'db' ? 9 : req.epoch, expiresInMs: 1000 } }; },
+    renew: batch === 'none' ? undefined : async (leases: { vm: string; epoch: number }[]) => {
+      calls.push(`renew ${leases.map((l) => `${l.vm}@${l.epoch}`).join(',')}`);
+      if (batch === 'down') throw new Error('ECONNREFUSED');
+      if (batch === 'old') return null;
+      return leases.map((l) => ({ vm: l.vm, status: l.vm === 'db' ? 409 : 200, body: { granted: l.vm !== 'db', holder: l.vm === 'db' ? 'hostB' : 'hostA', epoch: l.vm === 'db' ? 9 : l.epoch, expiresInMs: 1000 } }));
+    },
+    health: async () => undefined, release: async () => ({ status: 200 }), close: () => undefined,
+  });
+  for (const mode of ['yes', 'old', 'none', 'down'] as const) {
+    calls.length = 0;
+    const renew = coalescedRenewals(() => mk(mode) as never);
+    const answers = await Promise.allSettled([renew(w, 'tok', 'web1', 3), renew(w, 'tok', 'web2', 4), renew(w, 'tok', 'db', 5)]);
+    if (mode === 'down') {
+      t.deepEqual(calls, ['renew web1@3,web2@4,db@5']);
+      t.true(answers.every((a) => a.status === 'rejected'), 'unreachable: every renewal fails (validity simply runs out)');
+      continue;
+    }
+    t.deepEqual(calls, mode === 'yes' ? ['renew web1@3,web2@4,db@5'] : [...(mode === 'old' ? ['renew web1@3,web2@4,db@5'] : []), 'acquire web1@3', 'acquire web2@4', 'acquire db@5'], mode);
+    t.deepEqual(answers.map((a) => (a.status === 'fulfilled' ? `${a.value.granted}:${a.value.holder}@${a.value.epoch}` : 'rejected')), ['true:hostA@3', 'true:hostA@4', 'false:hostB@9'], mode);
+  }
+});

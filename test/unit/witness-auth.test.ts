@@ -173,3 +173,70 @@ test('HTTPS witness: the agent\'s client trusts it through witness.ca_file; with
   t.false(r.granted);
   t.regex(r.reason, /unreachable: .*(certificate|self.signed|issuer)/i);
 });
+
+test('renewals in one request: each lease decided and answered apart, within the caller\'s pair and node', async (t) => {
+  const { w, call, all } = await witness();
+  t.teardown(() => w.stop());
+  for (const vm of ['web1', 'web2']) t.is((await call('POST', `/v1/leases/${vm}/acquire`, tok('hostA'), acquire('hostA', 2))).status, 200);
+  t.is((await call('POST', '/v1/leases/db1/acquire', tok('hostB'), acquire('hostB', 5))).status, 200);
+  const before = await all();
+  const r = await call('POST', '/v1/renewals', tok('hostA'), { leaseMs: 2000, leases: [
+    { vm: 'web1', epoch: 2 },           // renewal
+    { vm: 'web2', epoch: 1 },           // stale epoch: refused
+    { vm: 'db1', epoch: 5 },            // hostB's at its epoch: a takeover needs a newer one
+    { vm: 'Bad VM', epoch: 1 },         // malformed: 400 for this item only
+    { vm: 'web3', epoch: 1e308 },       // not a safe epoch
+    { vm: 'new1', epoch: 1 },           // a first lease: granted (durable)
+  ] });
+  t.is(r.status, 200);
+  t.deepEqual(r.json.results.map((x: any) => `${x.vm}:${x.status}:${x.granted}`), ['web1:200:true', 'web2:409:false', 'db1:409:false', 'Bad VM:400:false', 'web3:400:false', 'new1:200:true']);
+  t.regex(r.json.results[1].reason, /stale epoch/);
+  t.is(r.json.results[3].code, 'BAD_VM');
+  t.deepEqual((await all()).filter((l) => l.vm !== 'new1'), before, 'the refused items changed nothing');
+  // Acting for another node, or with the reader token: every item refused, nothing changed.
+  const other = await call('POST', '/v1/renewals', tok('hostB'), { node: 'hostA', leaseMs: 2000, leases: [{ vm: 'web1', epoch: 9 }] });
+  t.deepEqual(other.json.results.map((x: any) => `${x.status}:${x.code}`), ['403:NOT_YOUR_NODE']);
+  const reader = await call('POST', '/v1/renewals', READER, { node: 'hostA', leaseMs: 2000, leases: [{ vm: 'web1', epoch: 9 }] });
+  t.deepEqual(reader.json.results.map((x: any) => `${x.status}:${x.code}`), ['403:READ_ONLY']);
+  // The batch itself malformed: 400, nothing decided.
+  for (const bad of [{ leaseMs: 2000, leases: [] }, { leaseMs: 2000 }, { leases: [{ vm: 'web1', epoch: 2 }] }, { leaseMs: 2000, leases: Array.from({ length: 1001 }, (_, i) => ({ vm: `v${i}`, epoch: 1 })) }]) {
+    t.is((await call('POST', '/v1/renewals', tok('hostA'), bad)).status, 400, JSON.stringify(bad).slice(0, 60));
+  }
+  t.is((await call('POST', '/v1/renewals', tok('hostA'), { leaseMs: 2000, leases: [null] })).json.results[0].status, 400);
+  t.is((await all()).length, before.length + 1);
+});
+
+test('the agent renews every lease it keeps in one request; against a witness without /v1/renewals, one by one', async (t) => {
+  const { w, port, all } = await witness();
+  t.teardown(() => w.stop());
+  // Count the requests the witness receives, by path.
+  const seen: string[] = [];
+  const { createServer } = await import('node:http');
+  const proxyPort = nextPort++;
+  let oldWitness = false;
+  const proxy = createServer((req, res) => {
+    seen.push(req.url!);
+    if (oldWitness && req.url === '/v1/renewals') { res.writeHead(404, { 'content-type': 'application/json' }).end('{"error":{"code":"NOT_FOUND"}}'); return; }
+    const up = request(`http://127.0.0.1:${port}${req.url}`, { method: req.method as 'POST', headers: req.headers as Record<string, string>, body: req });
+    up.then(async (u) => { res.writeHead(u.statusCode, { 'content-type': 'application/json' }); res.end(Buffer.from(await u.body.arrayBuffer())); }, () => res.destroy());
+  });
+  await new Promise<void>((r) => proxy.listen(proxyPort, '127.0.0.1', r));
+  t.teardown(() => proxy.close());
+  for (const old of [false, true]) {
+    oldWitness = old;
+    const g = new WitnessGate({ url: `http://127.0.0.1:${proxyPort}`, node: 'hostA', leaseMs: 500, token: () => tok('hostA'), clock: systemClock, log: memoryLogger() });
+    for (const vm of ['web1', 'web2', 'web3']) g.keep(vm, old ? 4 : 3);
+    await sleep(50);
+    seen.length = 0;
+    await sleep(450); // four renewal rounds (every 100 ms)
+    g.stop();
+    const batches = seen.filter((u) => u === '/v1/renewals').length, singles = seen.filter((u) => u.endsWith('/acquire')).length;
+    if (old) {
+      t.true(batches <= 1 && singles >= 9, `old witness: ${batches} batch requests (one, then known), ${singles} single renewals`);
+    } else {
+      t.true(batches >= 3 && singles === 0, `${batches} batch requests, ${singles} single renewals`);
+    }
+    for (const vm of ['web1', 'web2', 'web3']) t.is(g.lease(vm).state, 'held', `${vm} held (old witness: ${old})`);
+  }
+  t.deepEqual((await all()).map((l) => `${l.vm}=${l.holder}@${l.epoch}`).sort(), ['web1=hostA@4', 'web2=hostA@4', 'web3=hostA@4']);
+});

@@ -5,7 +5,8 @@ import { spawn } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import type { Logger } from '../log/logger.ts';
 import { errorMessage } from '../util/errors.ts';
-import { Fencer, renewEveryMs, type FencerWitness, type RenewAnswer } from './fencer.ts';
+import { Fencer, type FencerWitness } from './fencer.ts';
+import { coalescedRenewals } from './renewals.ts';
 import { fencerPaths, hrMono, readControl, readPulse } from './files.ts';
 import { procStartTicks, procStateLetter } from '../qemu/process.ts';
 import { etcdTransport } from '../witness/etcd.ts';
@@ -31,14 +32,14 @@ export async function runFencer(stateDir: string, log: Logger): Promise<void> {
   // connections (and etcd's auth token) across renewals.
   let cached = null as { key: string; t: WitnessTransport } | null;
   let token = '';
-  const renew = async (w: FencerWitness, tok: string, vm: string, epoch: number): Promise<RenewAnswer> => {
-    const t = Math.max(200, renewEveryMs(w.leaseMs) * 2);
+  const transport = (w: FencerWitness, tok: string): WitnessTransport => {
     const key = JSON.stringify([w.url, w.caFile ?? null, w.etcd ?? null]);
     if (cached?.key !== key) { cached?.t.close(); cached = { key, t: w.etcd ? etcdTransport(w.etcd) : httpTransport(w.url, () => token, w.caFile) }; }
     token = tok;
-    const r = await cached.t.acquire(vm, { node: w.node, epoch, leaseMs: w.leaseMs }, t);
-    return { granted: r.status === 200 && !!r.body.granted, holder: r.body.holder ?? '', epoch: r.body.epoch ?? 0, reason: r.body.reason };
+    return cached.t;
   };
+  // The renewals one fencer step asks for go to the witness in one request, as the agent's do.
+  const renew = coalescedRenewals(transport);
   const f = new Fencer({
     mono: hrMono,
     readControl: () => readControl(stateDir),

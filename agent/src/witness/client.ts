@@ -23,12 +23,22 @@ export interface WitnessTransport {
   acquire(vm: string, req: { node: string; epoch: number; leaseMs: number }, timeoutMs: number): Promise<{ status: number; body: AcquireAnswer }>;
   health(timeoutMs: number): Promise<void>;
   release(vm: string, req: { node: string; epoch: number }, timeoutMs: number): Promise<{ status: number }>;
+  /**
+   * Many acquires in one request (POST /v1/renewals), answered per lease in the order asked.
+   * Absent, or resolving null (a witness older than this agent: 404), the caller renews one by one.
+   */
+  renew?(leases: { vm: string; epoch: number }[], req: { node: string; leaseMs: number }, timeoutMs: number): Promise<RenewalAnswer[] | null>;
   close(): void;
 }
+
+/** One lease's answer in a batch: the single acquire's status and body. */
+export interface RenewalAnswer { vm: string; status: number; body: AcquireAnswer }
 
 export function httpTransport(url: string, token: () => string, caFile?: string): WitnessTransport {
   const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000, connect: caFile ? { ca: readFileSync(caFile) } : undefined });
   const base = url.replace(/\/$/, '');
+  // A witness older than this agent has no /v1/renewals: found once, then one request per lease.
+  let batchUnsupported = false;
   return {
     async acquire(vm, req, timeoutMs) {
       const res = await request(`${base}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
@@ -37,6 +47,20 @@ export function httpTransport(url: string, token: () => string, caFile?: string)
         body: JSON.stringify(req), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
       });
       return { status: res.statusCode, body: (await res.body.json()) as AcquireAnswer };
+    },
+    async renew(leases, req, timeoutMs) {
+      if (batchUnsupported) return null;
+      const res = await request(`${base}/v1/renewals`, {
+        method: 'POST', dispatcher,
+        headers: { authorization: `Bearer ${token()}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ ...req, leases }), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
+      });
+      if (res.statusCode === 404 || res.statusCode === 405) { await res.body.dump(); batchUnsupported = true; return null; }
+      const body = (await res.body.json()) as { results?: (AcquireAnswer & { vm: string; status: number })[]; message?: string };
+      if (res.statusCode !== 200 || !Array.isArray(body.results) || body.results.length !== leases.length) {
+        throw new Error(`renewals: HTTP ${res.statusCode}${body.message ? `: ${body.message}` : ''}`);
+      }
+      return body.results.map(({ vm, status, ...answer }, i) => ({ vm: leases[i]!.vm, status, body: answer }));
     },
     async release(vm, req, timeoutMs) {
       const res = await request(`${base}/v1/leases/${encodeURIComponent(vm)}/release`, {
@@ -170,6 +194,41 @@ export class WitnessGate implements PromotionGate {
     }
   }
 
+  /**
+   * Every kept lease in one request (the witness's cost then grows with the hosts, not the VMs).
+   * False when the transport cannot batch: the caller renews one by one.
+   */
+  private async renewBatch(): Promise<boolean> {
+    if (!this.transport.renew) return false;
+    const leases = [...this.kept].map(([vm, epoch]) => ({ vm, epoch }));
+    const sentAt = this.o.clock.mono();
+    let answers: RenewalAnswer[] | null = null;
+    const p = (async () => {
+      try {
+        answers = await this.transport.renew!(leases, { node: this.o.node, leaseMs: this.o.leaseMs }, Math.max(200, this.renewMs * 2));
+        if (!answers) return;
+        this.lastOk = this.o.clock.mono();
+        this.lastError = null;
+        answers.forEach((a, i) => {
+          const { vm, epoch } = leases[i]!;
+          if (this.kept.get(vm) === epoch) this.record(vm, epoch, { status: a.status, body: a.body, sentAt });
+        });
+      } catch (e) {
+        const msg = errorMessage(e);
+        if (msg !== this.lastError) this.o.log.warn('witness unreachable', { url: this.o.url, error: msg });
+        this.lastError = msg;
+        answers = [];
+      } finally {
+        for (const { vm, epoch } of leases) if (this.kept.get(vm) === epoch && answers !== null) this.firstRenewal.delete(vm);
+      }
+    })();
+    // A release waits for renewals on their way (one arriving after it would renew the lease).
+    for (const { vm } of leases) this.inflight.set(vm, p);
+    await p;
+    for (const { vm } of leases) if (this.inflight.get(vm) === p) this.inflight.delete(vm);
+    return answers !== null;
+  }
+
   /** Nothing to renew: still find out whether the witness is there (health reports it). */
   private async ping(): Promise<void> {
     try {
@@ -186,7 +245,7 @@ export class WitnessGate implements PromotionGate {
     this.renewing = true;
     try {
       if (this.kept.size === 0) await this.ping();
-      await Promise.all([...this.kept].map(([vm, epoch]) => this.renewTracked(vm, epoch)));
+      else if (!(await this.renewBatch())) await Promise.all([...this.kept].map(([vm, epoch]) => this.renewTracked(vm, epoch)));
     } finally {
       this.renewing = false;
     }

@@ -6,6 +6,8 @@
 //   POST /v1/leases/{vm}/acquire {node, epoch, leaseMs}
 //        200 {granted: true, holder, epoch, expiresInMs}
 //        409 {granted: false, holder, epoch, expiresInMs, reason, retryAfterMs}
+//   POST /v1/renewals {node, leaseMs, leases: [{vm, epoch}, ...]}   many acquires in one request
+//        200 {results: [{vm, status, granted, holder, epoch, expiresInMs, reason?, code?}, ...]}
 //   POST /v1/leases/{vm}/release {node, epoch}   the holder gives it up now (its QEMU is gone)
 //        200 {released: true}   409 {released: false, reason}
 // The --token-file token next to credentials reads every lease and may only extend a lease its
@@ -42,6 +44,8 @@ const VM_NAME = /^[a-z][a-z0-9-]{0,30}$/;
 const PAIR_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
 const epochOf = (b: unknown): number => intField(b, 'epoch', 1, MAX_EPOCH, true)!;
+/** Leases per renewal request: a host's VMs, with room to spare; bounds the body (maxBodyBytes). */
+export const MAX_BATCH = 1000;
 
 export class WitnessServer {
   private readonly o: WitnessOptions;
@@ -88,6 +92,17 @@ export class WitnessServer {
       const i = v.vm.indexOf('/');
       return i < 0 ? v : { ...v, pair: v.vm.slice(0, i), vm: v.vm.slice(i + 1) };
     };
+    // One acquire or renewal: scope (its own pair and node), then the lease rules.
+    const acquire = (ctx: Ctx, vm: string, b: unknown, epoch: number, leaseMs: number) => {
+      const { key, node } = scope(ctx, vm, b, 'acquire');
+      // The site token stands in for a node only until that node uses its own token.
+      const p = who(ctx);
+      if (p.kind === 'reader' && (this.ownToken.has(node) || !this.table.extendsValidLease(key, { node, epoch, leaseMs }))) throw readOnly();
+      if (p.kind === 'node') this.ownToken.add(p.node);
+      const r = this.table.acquire(key, { node, epoch, leaseMs });
+      if (r.changed) this.o.log.info('lease granted', { lease: key, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
+      return r;
+    };
     return [
       { method: 'GET', path: '/health', access: 'public', handler: () => ({ json: { ok: true, leases: this.table.size, auth: this.auth } }) },
       {
@@ -113,18 +128,35 @@ export class WitnessServer {
       {
         method: 'POST', path: '/v1/leases/:vm/acquire', access: 'write',
         handler: async (ctx) => {
-          const vm = vmOf(ctx.params.vm);
           const b = await ctx.body();
-          const { key, node } = scope(ctx, vm, b, 'acquire');
-          const epoch = epochOf(b);
-          const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
-          // The site token stands in for a node only until that node uses its own token.
-          const p = who(ctx);
-          if (p.kind === 'reader' && (this.ownToken.has(node) || !this.table.extendsValidLease(key, { node, epoch, leaseMs }))) throw readOnly();
-          if (p.kind === 'node') this.ownToken.add(p.node);
-          const r = this.table.acquire(key, { node, epoch, leaseMs });
-          if (r.changed) this.o.log.info('lease granted', { lease: key, holder: node, epoch, previous: r.previous ? `${r.previous.holder}@${r.previous.epoch}` : 'none' });
+          const r = acquire(ctx, vmOf(ctx.params.vm), b, intField(b, 'epoch', 1, MAX_EPOCH, true)!, intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!);
           return { status: r.status, json: r.body };
+        },
+      },
+      {
+        // Every lease a host keeps in one request (its agent's and its fencer's renewals): the
+        // witness's cost grows with the hosts, not the VMs. Each item is decided as the
+        // single acquire is, and answered apart: one refused or malformed item changes
+        // nothing for the others.
+        method: 'POST', path: '/v1/renewals', access: 'write',
+        handler: async (ctx) => {
+          const b = await ctx.body();
+          const leaseMs = intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!;
+          const items = (b as { leases?: unknown }).leases;
+          if (!Array.isArray(items) || items.length === 0 || items.length > MAX_BATCH) throw new HttpError(400, 'BAD_BODY', `leases must be an array of 1 to ${MAX_BATCH} {vm, epoch}`);
+          const node = (b as { node?: unknown }).node;
+          const results = items.map((it: unknown) => {
+            const vm = (it as { vm?: unknown } | null)?.vm;
+            try {
+              if (it === null || typeof it !== 'object' || Array.isArray(it)) throw new HttpError(400, 'BAD_BODY', 'each lease must be an object {vm, epoch}');
+              const r = acquire(ctx, vmOf(typeof vm === 'string' ? vm : undefined), node === undefined ? { ...it } : { ...it, node }, intField(it, 'epoch', 1, MAX_EPOCH, true)!, leaseMs);
+              return { vm, status: r.status, ...r.body };
+            } catch (e) {
+              if (!(e instanceof HttpError)) throw e;
+              return { vm: typeof vm === 'string' ? vm : null, status: e.status, granted: false, code: e.code, reason: e.message };
+            }
+          });
+          return { json: { results } };
         },
       },
       {
@@ -184,7 +216,7 @@ export class WitnessServer {
 
   async start(): Promise<void> {
     this.reload();
-    const handler = createRouter(this.routes(), { identify: (b) => this.identify(b), tokenHint: 'witness.token_file', maxBodyBytes: 4096, onError: (e) => this.o.log.error('witness error', { error: String(e) }) });
+    const handler = createRouter(this.routes(), { identify: (b) => this.identify(b), tokenHint: 'witness.token_file', maxBodyBytes: 96 * 1024, onError: (e) => this.o.log.error('witness error', { error: String(e) }) });
     const hp = parseHostPort(this.o.listen);
     if (!hp) throw new HttpError(400, 'BAD_LISTEN', `--listen must be ADDRESS:PORT with an IP address, got "${this.o.listen}"`);
     this.server = this.o.tls
