@@ -1,11 +1,14 @@
-// bench/witness: lease renewals the way agents renew (one renewal per VM every lease_ms/5, open
-// loop: sent on schedule whether or not earlier ones returned), against
+// bench/witness: lease renewals the way agents renew (every lease_ms/5, open loop: sent on
+// schedule whether or not earlier ones returned), against
 //   embedded: `ftkvm-agent witness` (the built binary, its own process on loopback) with per-node
-//             credentials, as the roles run it: pairs of two nodes, 8 VMs per pair, each node
-//             its own token;
+//             credentials, as the roles run it: pairs of two nodes, 8 VMs per pair (each node
+//             primary of 4), each node its own token. --renew batch (the default, as agents
+//             renew since POST /v1/renewals): per node, one request renewing all its VMs (its
+//             fencer renews only while the agent does not: fence/fencer.ts agentRenews);
+//             --renew single: one request per VM (older agents, and what the etcd transport does);
 //   etcd:     a 3-member etcd cluster on loopback (Debian's etcd-server), through the agent's
 //             etcd transport (witness/etcd.ts); optionally its leader killed mid-run.
-//   bench/witness [--backend embedded,etcd] [--vms 10,100,1000,5000] [--seconds 20]
+//   bench/witness [--backend embedded,etcd] [--vms 10,100,1000,5000] [--seconds 20] [--renew batch|single]
 //                 [--lease-ms 1000] [--etcd-lease-ms 5000] [--kill-leader] [--binary dist/ftkvm-agent]
 // Prints per backend and fleet size: offered and served renewals/s, latency p50/p99/max,
 // errors and refusals, the server's CPU (of one core); then a table.
@@ -24,7 +27,10 @@ const { values } = parseArgs({ options: {
   vms: { type: 'string', default: '10,100,1000,5000' }, seconds: { type: 'string', default: '20' },
   'lease-ms': { type: 'string', default: '1000' }, 'etcd-lease-ms': { type: 'string', default: '5000' },
   'kill-leader': { type: 'boolean', default: false }, binary: { type: 'string', default: 'dist/ftkvm-agent' },
+  renew: { type: 'string', default: 'batch' },
 } });
+if (!['batch', 'single'].includes(values.renew!)) throw new Error(`--renew: batch or single, got ${values.renew}`);
+const batch = values.renew === 'batch';
 const sizes = values.vms!.split(',').map(Number);
 const seconds = Number(values.seconds);
 const VMS_PER_PAIR = 8;
@@ -142,15 +148,35 @@ async function run(n: number, port: number): Promise<Row> {
   // Every VM's lease first (the grants: written durably), then the renewals measured.
   for (let i = 0; i < n; i += 200) await Promise.all(Array.from({ length: Math.min(200, n - i) }, async (_, k) => { const r = await acquire(i + k); await r.body.dump(); }));
   const cpu0 = cpuMs(w.pid!);
-  const r = await drive(n, renewMs, leaseMs, async (vm) => { const x = await acquire(vm); await x.body.dump(); return x.statusCode === 200 ? 'ok' : 'refused'; });
+  let r;
+  if (batch) {
+    // Renewers: each node's agent, renewing the node's VMs in one request.
+    const byNode = new Map<string, number[]>();
+    for (let i = 0; i < n; i++) { const p = placement(i); byNode.set(p.node, [...(byNode.get(p.node) ?? []), i]); }
+    const renewers = [...byNode].map(([node, vms]) => ({ node, vms }));
+    r = await drive(renewers.length, renewMs, leaseMs, async (u) => {
+      const { node, vms } = renewers[u]!;
+      const x = await request(`${base}/v1/renewals`, {
+        method: 'POST', dispatcher, headers: { authorization: `Bearer ${nodeToken(node)}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ node, leaseMs, leases: vms.map((vm) => ({ vm: `vm${vm}`, epoch: 1 })) }), headersTimeout: 10_000, bodyTimeout: 10_000,
+      });
+      const body = (await x.body.json()) as { results?: { granted: boolean }[] };
+      return x.statusCode === 200 && body.results?.every((a) => a.granted) ? 'ok' : 'refused';
+    });
+    // Counted per VM: every VM of a node whose answers came too far apart.
+    r = { ...r, fences: Math.min(n, r.fences * Math.round(n / renewers.length)), units: `${renewers.length} nodes, each renewing its ${(n / byNode.size).toFixed(0)} VMs in one request` };
+  } else {
+    r = await drive(n, renewMs, leaseMs, async (vm) => { const x = await acquire(vm); await x.body.dump(); return x.statusCode === 200 ? 'ok' : 'refused'; });
+  }
   const cpu = (cpuMs(w.pid!) - cpu0) / (r.wall * 1000);
   w.kill('SIGTERM');
   await dispatcher.close();
-  return report({ backend: `embedded (lease ${leaseMs} ms)`, vms: n, ...r, cpu, note: `leases.json ${statSync(join(dir, 'leases.json')).size} B` });
+  return report({ backend: `embedded (lease ${leaseMs} ms, ${batch ? 'batch' : 'single'})`, vms: n, ...r, cpu, note: `leases.json ${statSync(join(dir, 'leases.json')).size} B${'units' in r ? `; ${r.units}` : ''}` });
 }
 
 const backends = values.backend!.split(',');
-console.log(`bench/witness: ${backends.join(' and ')} on 127.0.0.1, client on the same machine; one renewal per VM every lease/5 for ${seconds} s; ` +
+console.log(`bench/witness: ${backends.join(' and ')} on 127.0.0.1, client on the same machine; renewals every lease/5 for ${seconds} s, ` +
+  `embedded: ${batch ? 'per node, one request for all its VMs' : 'one request per VM'}; etcd: one request per VM; ` +
   `${VMS_PER_PAIR} VMs per pair; ${cpus().length} cores (${cpus()[0]?.model}); ${new Date().toISOString()}`);
 const rows: Row[] = [];
 let port = 27400;
@@ -161,6 +187,6 @@ for (const b of backends) {
     else throw new Error(`--backend: embedded or etcd, got ${b}`);
   }
 }
-console.log('\n| backend | VMs | renewals offered/s | served/s | p50 ms | p99 ms | max ms | errors | refused | would fence | server CPU |\n|---|---|---|---|---|---|---|---|---|---|---|');
+console.log('\n| backend | VMs | requests offered/s | served/s | p50 ms | p99 ms | max ms | errors | refused | would fence | server CPU |\n|---|---|---|---|---|---|---|---|---|---|---|');
 for (const r of rows) console.log(`| ${r.backend} | ${r.vms} | ${r.offered.toFixed(0)} | ${r.served.toFixed(0)} | ${r.p50.toFixed(1)} | ${r.p99.toFixed(1)} | ${r.max.toFixed(1)} | ${r.errors} | ${r.refused} | ${r.fences} | ${(100 * r.cpu).toFixed(0)} % |`);
 for (const r of rows) if (r.note) console.log(`${r.backend} ${r.vms} VMs: ${r.note}`);

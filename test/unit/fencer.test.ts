@@ -6,7 +6,7 @@ function rig(o: { witness?: 'up' | 'down' | 'lost' } = {}) {
   let now = 1_000_000;
   const signals: string[] = [];
   const logs: string[] = [];
-  const state = { witness: o.witness ?? 'up', pulse: null as AgentPulse | null, alive: true, ticks: undefined as number | undefined, stoppedAtStart: [] as number[] };
+  const state = { witness: o.witness ?? 'up', pulse: null as AgentPulse | null, alive: true, ticks: undefined as number | undefined, stoppedAtStart: [] as number[], renewals: 0 };
   const control: FencerControl = { witness: { url: 'http://w', tokenFile: '/t', leaseMs: 1000, node: 'hostA' }, heartbeatIntervalMs: 100, vms: { vm: { epoch: 3, qemuPid: 4242, qemuStartTicks: 77 } } };
   const f = new Fencer({
     mono: () => now,
@@ -14,6 +14,7 @@ function rig(o: { witness?: 'up' | 'down' | 'lost' } = {}) {
     readPulse: () => state.pulse,
     readToken: () => 'tok',
     renew: async (): Promise<RenewAnswer> => {
+      state.renewals++;
       if (state.witness === 'down') throw new Error('connect timeout');
       if (state.witness === 'lost') return { granted: false, holder: 'hostB', epoch: 4, reason: 'stale epoch' };
       return { granted: true, holder: 'hostA', epoch: 3 };
@@ -176,4 +177,21 @@ test('the fencer\'s renewals of one step go to the witness in one request; one b
     t.deepEqual(calls, mode === 'yes' ? ['renew web1@3,web2@4,db@5'] : [...(mode === 'old' ? ['renew web1@3,web2@4,db@5'] : []), 'acquire web1@3', 'acquire web2@4', 'acquire db@5'], mode);
     t.deepEqual(answers.map((a) => (a.status === 'fulfilled' ? `${a.value.granted}:${a.value.holder}@${a.value.epoch}` : 'rejected')), ['true:hostA@3', 'true:hostA@4', 'false:hostB@9'], mode);
   }
+});
+
+test('while the agent renews the lease itself the fencer sends nothing; it takes over the renewals when the agent stops, with time to spare', async (t) => {
+  const r = rig();
+  // The agent renews every 200 ms: its pulse (every 100 ms) counts the lease valid 500-700 ms ahead.
+  const agentPulse = (sentAgo: number) => { r.state.pulse = { at: r.now(), peerHeardAt: r.now() - 20, leaseValidUntil: { vm: r.now() - sentAgo + 700 }, fenced: [] }; };
+  for (let i = 0; i < 40; i++) { agentPulse((i * 50) % 200); await r.run(50); }
+  t.is(r.state.renewals, 0, 'no renewal of the fencer\'s own while the agent keeps the lease');
+  // The agent dies right after a renewal it sent 190 ms ago; its lease stays valid 510 ms more.
+  agentPulse(190);
+  r.state.pulse = { ...r.state.pulse!, peerHeardAt: null };
+  await r.run(250);
+  t.true(r.state.renewals >= 1, 'the fencer renews once the agent has gone quiet');
+  await r.run(3000);
+  t.deepEqual(r.signals, [], 'never frozen: the lease was renewed before the agent\'s validity ran out');
+  t.true(r.f.view().vm!.validForMs! > 0);
+  t.true(r.state.renewals >= 10, `renewing on its own since (${r.state.renewals})`);
 });

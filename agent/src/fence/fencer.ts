@@ -76,6 +76,18 @@ interface Kept {
 export const marginMs = (leaseMs: number): number => Math.max(300, Math.floor(leaseMs / 4));
 export const renewEveryMs = (leaseMs: number): number => Math.max(50, Math.floor(leaseMs / 5));
 
+/**
+ * The agent is renewing this lease itself: its latest pulse is fresh and counts the lease valid
+ * for more than two renewal periods yet. Then the fencer's own renewal would only double the
+ * witness's load; it renews as soon as the agent stops (dead, hung, restarting) or falls behind,
+ * with at least (agent validity − 2 periods) left before anything could freeze.
+ */
+export function agentRenews(pulse: AgentPulse | null, vm: string, now: number, heartbeatIntervalMs: number, everyMs: number): boolean {
+  if (pulse === null || now - pulse.at > Math.min(3 * heartbeatIntervalMs, everyMs)) return false;
+  const until = pulse.leaseValidUntil[vm];
+  return until !== null && until !== undefined && until - now > 2 * everyMs;
+}
+
 export class Fencer {
   private readonly kept = new Map<string, Kept>();
   private control: FencerControl | null = null;
@@ -107,16 +119,17 @@ export class Fencer {
       // Epochs only grow: one adopted from the witness (below) is not undone by an older control.
       if (w.epoch > k.epoch) { k.epoch = w.epoch; k.lost = null; k.lastRenewAt = -Infinity; }
     }
+    const pulse = this.d.readPulse();
+    const every = renewEveryMs(c.witness.leaseMs);
     for (const [vm, k] of this.kept) {
       if (!this.d.alive(k.pid, k.startTicks)) continue; // QEMU gone: nothing to renew or freeze
-      if (!k.renewing && now - k.lastRenewAt >= renewEveryMs(c.witness.leaseMs)) void this.renew(vm, k, c.witness);
-      this.enforce(vm, k, now, c);
+      if (!k.renewing && now - k.lastRenewAt >= every && !agentRenews(pulse, vm, now, c.heartbeatIntervalMs, every)) void this.renew(vm, k, c.witness);
+      this.enforce(vm, k, now, c, pulse);
     }
   }
 
-  private enforce(vm: string, k: Kept, now: number, c: FencerControl): void {
+  private enforce(vm: string, k: Kept, now: number, c: FencerControl, pulse: AgentPulse | null): void {
     if (k.frozen) return;
-    const pulse = this.d.readPulse();
     // The agent's word, if recent: it heard the peer within about two intervals of writing it (a
     // heartbeat proves the peer alive as of OUR ping's send time, up to an interval before).
     const pulseFresh = pulse !== null && now - pulse.at <= 3 * c.heartbeatIntervalMs;
