@@ -148,6 +148,53 @@ test('etcd lease store: partition, etcd reachable from both: the primary keeps i
   });
 });
 
+test('etcd lease store: partition, etcd reachable only from the primary: the primary runs on, the secondary cannot promote', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 60, etcdOpts, async (p) => {
+    const { prim } = await partition(t, p, 'A', async (s) => {
+      t.is(s.A, 'standalone');
+      t.not(s.B, 'standalone');
+    });
+    t.is(prim, 'A');
+  });
+});
+
+test('etcd lease store: partition, etcd reachable from neither: the primary fences itself, nobody runs it; after healing it resumes', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 68, etcdOpts, async (p) => {
+    const { prim, during } = await partition(t, p, 'none', async (s) => {
+      t.is(s.A, 'fenced');
+      t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
+      t.not(s.B, 'standalone');
+    });
+    t.is(prim, 'A', 'nobody took over: the fenced primary resumed');
+    t.is(during.resumedWithoutWitness?.epoch, 1, 'A resumed at its epoch, once B released its replica');
+  });
+});
+
+test('etcd lease store: 2 of 3 members down, then a partition: the isolated primary fences and nobody takes over; members back, one primary', async (t) => {
+  t.timeout(300_000);
+  await withPair(t, 69, etcdOpts, async (p) => {
+    const { prim } = await partition(t, p, 'both', async (s) => {
+      // No quorum: etcd answers nobody. A cannot renew and hears no peer; B cannot be granted.
+      t.is(s.A, 'fenced');
+      t.is(s.aRanAgainAfterPause, null, 'the fenced primary stays paused');
+      t.not(s.B, 'standalone', 'no takeover without a quorum');
+      t.is((await p.vmStatus('B', 'vm'))!.epoch, 1);
+      p.etcdCluster().startMember(1);
+      p.etcdCluster().startMember(2);
+    }, async () => {
+      // While protected: the peers hear each other, so losing the lease store changes nothing yet.
+      p.etcdCluster().kill(1);
+      p.etcdCluster().kill(2);
+      await sleep(3000);
+      t.is((await p.vmStatus('A', 'vm'))!.state, 'protected', 'a lease store without quorum does not stop a pair that hears itself');
+    });
+    t.is(prim, 'A');
+    t.is((await p.vmStatus('A', 'vm'))!.epoch, 1);
+  });
+});
+
 test('partition, witness reachable only from the primary: the primary runs on, the secondary cannot promote', async (t) => {
   t.timeout(300_000);
   await withPair(t, 53, pairOpts, async (p) => {
