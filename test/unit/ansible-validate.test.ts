@@ -9,24 +9,26 @@ import { join } from 'node:path';
 import { parse, stringify } from 'yaml';
 import { AGENT_BIN, ROOT } from '../helpers/guest.ts';
 
-interface Inv { hosts: Record<string, Record<string, unknown>>; pairVars?: Record<string, unknown>; allVars?: Record<string, unknown>; witness?: boolean }
+interface Inv { hosts: Record<string, Record<string, unknown>>; pairVars?: Record<string, unknown>; allVars?: Record<string, unknown>; witness?: boolean; etcd?: string[] }
 
 async function render(inv: Inv): Promise<{ code: number; out: string; dir: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'ftkvm-validate-'));
   for (const f of ['disk.qcow2', 'vmlinuz', 'initrd']) writeFileSync(join(dir, f), '');
   for (const f of ['ca.pem', 'node.pem']) writeFileSync(join(dir, f), '');
   writeFileSync(join(dir, 'node.key'), '', { mode: 0o600 });
-  for (const f of ['token', 'heartbeat.key', 'witness-token']) writeFileSync(join(dir, f), `${f}-`.padEnd(32, 'x') + '\n', { mode: 0o600 });
+  for (const f of ['token', 'heartbeat.key', 'witness-token', 'etcd-password']) writeFileSync(join(dir, f), `${f}-`.padEnd(32, 'x') + '\n', { mode: 0o600 });
   const doc = {
     all: {
       vars: {
         ansible_connection: 'local', ansible_python_interpreter: process.env.FTKVM_TEST_PYTHON ?? '/usr/bin/python3',
         ftkvm_agent_binary_src: AGENT_BIN, ftkvm_test_out_dir: dir, ftkvm_token_file: join(dir, 'token'),
         ftkvm_heartbeat_key_file: join(dir, 'heartbeat.key'), ftkvm_witness_token_file: join(dir, 'witness-token'), ftkvm_tls_dir: dir,
-        ftkvm_qemu_binary: '/usr/bin/qemu-system-x86_64', ftkvm_qemu_img_binary: '/usr/bin/qemu-img', ...inv.allVars,
+        ftkvm_qemu_binary: '/usr/bin/qemu-system-x86_64', ftkvm_qemu_img_binary: '/usr/bin/qemu-img',
+        ...JSON.parse(JSON.stringify(inv.allVars ?? {}).replaceAll('/DIR/', `${dir}/`)),
       },
       children: {
         ...(inv.witness === false ? {} : { ftkvm_witness: { hosts: { w1: { ansible_host: '10.9.0.5' } } } }),
+        ...(inv.etcd ? { ftkvm_etcd: { hosts: Object.fromEntries(inv.etcd.map((a, i) => [`e${i + 1}`, { ansible_host: a }])) } } : {}),
         ftkvm_pairs: { children: { pair_t: { hosts: inv.hosts, vars: { ftkvm_vms: [vm('a', 9000)], ...inv.pairVars } } } },
       },
     },
@@ -73,6 +75,27 @@ test('a good inventory renders an agent.yaml the agent accepts', async (t) => {
     t.is(a.heartbeat.previous_key_file, undefined, 'no previous key on a new install');
     t.is(a.api.listen, '0.0.0.0:7480');
   } finally { rmSync(r.dir, { recursive: true, force: true }); }
+});
+
+test('the etcd lease store: every member\'s endpoint, this node as its own user within its pair, TLS, a numeric lease; check-config accepts it', async (t) => {
+  if (!existsSync(AGENT_BIN)) { t.fail(`${AGENT_BIN} missing: npm run build`); return; }
+  const r = await render({ hosts: pair(), witness: false, etcd: ['10.9.0.21', '10.9.0.22', '10.9.0.23'], pairVars: { ftkvm_vms: [] },
+    allVars: { ftkvm_witness_backend: 'etcd', ftkvm_etcd_password_file: '/DIR/etcd-password' } });
+  try {
+    t.is(r.code, 0, r.out);
+    const a = parse(readFileSync(join(r.dir, 'hostA.yaml'), 'utf8')) as Record<string, any>;
+    t.deepEqual(a.witness, {
+      etcd: { endpoints: ['https://10.9.0.21:2379', 'https://10.9.0.22:2379', 'https://10.9.0.23:2379'], pair: 't', prefix: '/ftkvm', user: 'hostA',
+        password_file: join(r.dir, 'etcd-password'), ca_file: join(r.dir, 'ca.pem'), cert_file: join(r.dir, 'node.pem'), key_file: join(r.dir, 'node.key') },
+      lease_ms: 5000,
+    });
+  } finally { rmSync(r.dir, { recursive: true, force: true }); }
+  const bad = await render({ hosts: pair(), witness: false, pairVars: { ftkvm_vms: [] }, allVars: { ftkvm_witness_backend: 'etcd', ftkvm_etcd_lease_ms: 2500 } });
+  try {
+    t.not(bad.code, 0);
+    t.regex(bad.out, /the ftkvm_etcd group \(ftkvm_etcd_group\) has no hosts/);
+    t.regex(bad.out, /ftkvm_etcd_lease_ms must be whole seconds/);
+  } finally { rmSync(bad.dir, { recursive: true, force: true }); }
 });
 
 test('VM files, preferred_primary and QEMU settings reach agent.yaml and pass check-config', async (t) => {

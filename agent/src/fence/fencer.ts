@@ -77,13 +77,15 @@ export const marginMs = (leaseMs: number): number => Math.max(300, Math.floor(le
 export const renewEveryMs = (leaseMs: number): number => Math.max(50, Math.floor(leaseMs / 5));
 
 /**
- * The agent is renewing this lease itself: its latest pulse is fresh and counts the lease valid
- * for more than two renewal periods yet. Then the fencer's own renewal would only double the
- * witness's load; it renews as soon as the agent stops (dead, hung, restarting) or falls behind,
- * with at least (agent validity − 2 periods) left before anything could freeze.
+ * The agent is renewing this lease itself: its latest pulse (written every heartbeat interval)
+ * is not older than 1.5 intervals and counts the lease valid for more than two renewal periods
+ * yet. Then the fencer's own renewal would only double the witness's load. It renews as soon
+ * as the agent stops (dead, hung, restarting: its pulse goes stale within ~2 intervals, while
+ * its lease, renewed every period, stays valid for lease − margin − 1 period at least: 500 ms
+ * at lease_ms 1000) or falls behind (less than two periods of validity left).
  */
 export function agentRenews(pulse: AgentPulse | null, vm: string, now: number, heartbeatIntervalMs: number, everyMs: number): boolean {
-  if (pulse === null || now - pulse.at > Math.min(3 * heartbeatIntervalMs, everyMs)) return false;
+  if (pulse === null || now - pulse.at > 1.5 * heartbeatIntervalMs) return false;
   const until = pulse.leaseValidUntil[vm];
   return until !== null && until !== undefined && until - now > 2 * everyMs;
 }

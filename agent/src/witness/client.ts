@@ -18,7 +18,7 @@ export interface WitnessClientOptions {
   transport?: WitnessTransport;
 }
 
-/** The witness protocol's two calls (witness/server.ts). Rejects when the witness cannot be reached. */
+/** The witness protocol's calls (witness/server.ts). Rejects when the witness cannot be reached. */
 export interface WitnessTransport {
   acquire(vm: string, req: { node: string; epoch: number; leaseMs: number }, timeoutMs: number): Promise<{ status: number; body: AcquireAnswer }>;
   health(timeoutMs: number): Promise<void>;
@@ -37,8 +37,9 @@ export interface RenewalAnswer { vm: string; status: number; body: AcquireAnswer
 export function httpTransport(url: string, token: () => string, caFile?: string): WitnessTransport {
   const dispatcher = new Agent({ connectTimeout: 500, keepAliveTimeout: 10_000, connect: caFile ? { ca: readFileSync(caFile) } : undefined });
   const base = url.replace(/\/$/, '');
-  // A witness older than this agent has no /v1/renewals: found once, then one request per lease.
-  let batchUnsupported = false;
+  // A witness older than this agent has no /v1/renewals: then one request per lease, asking
+  // again a minute later (the witness may have been upgraded meanwhile).
+  let batchUnsupported: number | null = null;
   return {
     async acquire(vm, req, timeoutMs) {
       const res = await request(`${base}/v1/leases/${encodeURIComponent(vm)}/acquire`, {
@@ -49,18 +50,22 @@ export function httpTransport(url: string, token: () => string, caFile?: string)
       return { status: res.statusCode, body: (await res.body.json()) as AcquireAnswer };
     },
     async renew(leases, req, timeoutMs) {
-      if (batchUnsupported) return null;
+      if (batchUnsupported !== null && Date.now() - batchUnsupported < 60_000) return null;
       const res = await request(`${base}/v1/renewals`, {
         method: 'POST', dispatcher,
         headers: { authorization: `Bearer ${token()}`, 'content-type': 'application/json' },
         body: JSON.stringify({ ...req, leases }), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
       });
-      if (res.statusCode === 404 || res.statusCode === 405) { await res.body.dump(); batchUnsupported = true; return null; }
+      if (res.statusCode === 404 || res.statusCode === 405) { await res.body.dump(); batchUnsupported = Date.now(); return null; }
+      batchUnsupported = null;
       const body = (await res.body.json()) as { results?: (AcquireAnswer & { vm: string; status: number })[]; message?: string };
       if (res.statusCode !== 200 || !Array.isArray(body.results) || body.results.length !== leases.length) {
         throw new Error(`renewals: HTTP ${res.statusCode}${body.message ? `: ${body.message}` : ''}`);
       }
-      return body.results.map(({ vm, status, ...answer }, i) => ({ vm: leases[i]!.vm, status, body: answer }));
+      return body.results.map(({ vm, status, ...answer }, i) => {
+        if (vm !== leases[i]!.vm) throw new Error(`renewals: answer ${i} is for ${String(vm)}, not ${leases[i]!.vm}`);
+        return { vm, status, body: answer };
+      });
     },
     async release(vm, req, timeoutMs) {
       const res = await request(`${base}/v1/leases/${encodeURIComponent(vm)}/release`, {
@@ -162,9 +167,11 @@ export class WitnessGate implements PromotionGate {
   }
 
   private renewTracked(vm: string, epoch: number): Promise<void> {
-    const p = this.renewOne(vm, epoch).finally(() => { if (this.inflight.get(vm) === p) this.inflight.delete(vm); });
-    this.inflight.set(vm, p);
-    return p;
+    const prev = this.inflight.get(vm);
+    const p = this.renewOne(vm, epoch);
+    const both = prev ? Promise.all([prev, p]).then(() => undefined) : p;
+    this.inflight.set(vm, both);
+    return p.finally(() => { if (this.inflight.get(vm) === both) this.inflight.delete(vm); });
   }
 
   async release(vm: string, epoch: number): Promise<boolean> {
@@ -222,10 +229,16 @@ export class WitnessGate implements PromotionGate {
         for (const { vm, epoch } of leases) if (this.kept.get(vm) === epoch && answers !== null) this.firstRenewal.delete(vm);
       }
     })();
-    // A release waits for renewals on their way (one arriving after it would renew the lease).
-    for (const { vm } of leases) this.inflight.set(vm, p);
+    // A release waits for renewals on their way (one arriving after it would renew the lease):
+    // this batch and any single renewal still on its way (keep() sends one at once).
+    const tracked = leases.map(({ vm }) => {
+      const prev = this.inflight.get(vm);
+      const both = prev ? Promise.all([prev, p]).then(() => undefined) : p;
+      this.inflight.set(vm, both);
+      return [vm, both] as const;
+    });
     await p;
-    for (const { vm } of leases) if (this.inflight.get(vm) === p) this.inflight.delete(vm);
+    for (const [vm, both] of tracked) if (this.inflight.get(vm) === both) this.inflight.delete(vm);
     return answers !== null;
   }
 

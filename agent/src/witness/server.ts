@@ -129,7 +129,7 @@ export class WitnessServer {
         method: 'POST', path: '/v1/leases/:vm/acquire', access: 'write',
         handler: async (ctx) => {
           const b = await ctx.body();
-          const r = acquire(ctx, vmOf(ctx.params.vm), b, intField(b, 'epoch', 1, MAX_EPOCH, true)!, intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!);
+          const r = acquire(ctx, vmOf(ctx.params.vm), b, epochOf(b), intField(b, 'leaseMs', MIN_LEASE_MS, MAX_LEASE_MS, true)!);
           return { status: r.status, json: r.body };
         },
       },
@@ -149,11 +149,14 @@ export class WitnessServer {
             const vm = (it as { vm?: unknown } | null)?.vm;
             try {
               if (it === null || typeof it !== 'object' || Array.isArray(it)) throw new HttpError(400, 'BAD_BODY', 'each lease must be an object {vm, epoch}');
-              const r = acquire(ctx, vmOf(typeof vm === 'string' ? vm : undefined), node === undefined ? { ...it } : { ...it, node }, intField(it, 'epoch', 1, MAX_EPOCH, true)!, leaseMs);
+              const r = acquire(ctx, vmOf(typeof vm === 'string' ? vm : undefined), node === undefined ? { ...it } : { ...it, node }, epochOf(it), leaseMs);
               return { vm, status: r.status, ...r.body };
             } catch (e) {
-              if (!(e instanceof HttpError)) throw e;
-              return { vm: typeof vm === 'string' ? vm : null, status: e.status, granted: false, code: e.code, reason: e.message };
+              // One lease's failure (a durable write that failed: nothing was granted) is that
+              // lease's answer; the others are decided as usual.
+              if (!(e instanceof HttpError)) this.o.log.error('renewal failed', { vm: String(vm), error: String(e) });
+              const h = e instanceof HttpError ? e : new HttpError(500, 'INTERNAL', String(e));
+              return { vm: typeof vm === 'string' ? vm : null, status: h.status, granted: false, code: h.code, reason: h.message };
             }
           });
           return { json: { results } };

@@ -107,7 +107,8 @@ class Gateway(object):
                 raise EtcdError("%s: HTTP %s" % (path, e.code))
         except (URLError, ssl.SSLError, OSError) as e:
             raise EtcdError("%s%s: %s" % (self.base, path, e))
-        err = out.get("error") or out.get("message") if "error" in out else None
+        # etcd 3.4's gateway answers {error, message, code}; later ones {code, message}.
+        err = out.get("error") or (out.get("message") if out.get("code") else None)
         if err:
             if any(a in err for a in allow):
                 return None
