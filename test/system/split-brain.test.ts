@@ -224,9 +224,9 @@ test('partition, witness reachable from neither: the primary fences itself, nobo
   });
 });
 
-test('witness down while the peers see each other: nothing changes, health reports the witness', async (t) => {
+for (const [name, id, opts] of [['witness', 55, pairOpts], ['etcd lease store (all 3 members)', 70, etcdOpts]] as const) test(`${name} down while the peers see each other: nothing changes, health reports it`, async (t) => {
   t.timeout(300_000);
-  await withPair(t, 55, pairOpts, async (p) => {
+  await withPair(t, id, opts, async (p) => {
     p.startWitness();
     p.startAgent('A'); p.startAgent('B');
     t.is(await p.waitProtected('vm'), 'A');
