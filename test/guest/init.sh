@@ -4,6 +4,8 @@
 #   ftkvm.ip=ADDR/PREFIX   address of eth0 (default: no network service)
 #   ftkvm.tick_ms=N        disk counter period (default 100)
 #   ftkvm.dirty_mib=N      also run a memory-dirtying loop over N MiB, printing "work N" (bench)
+#   ftkvm.fill_mib=N       before the services start, fill N MiB of RAM (tmpfs) with non-zero
+#                          data and keep it: memory a migration must really copy (bench)
 #   ftkvm.tcpview_s=N      every N s print the guest's own view of its port-7000 TCP connections
 #                          (/proc/net/tcp{,6} rows: queues, timers, retransmits) as "tcpview ..." (soak)
 # Disk layout (/dev/vda, 512-byte sectors, read with O_DIRECT so values come from the disk):
@@ -29,6 +31,12 @@ if [ -n "$IP" ]; then
   nc -ll -p 7000 -e /bin/txn-handler &
 fi
 if [ -n "$DIRTY" ]; then /bin/dirty-loop "$DIRTY" & fi
+FILL=$(arg ftkvm.fill_mib)
+if [ -n "$FILL" ]; then
+  mkdir -p /run/fill; mount -t tmpfs -o size=$((FILL+8))m tmpfs /run/fill
+  yes ftkvm-fill-0123456789abcdef | head -c $((FILL*1048576)) > /run/fill/buf
+  echo "FILLED $FILL" > /dev/ttyS0
+fi
 if [ -n "$TCPVIEW" ]; then
   # port 7000 = 1B58; local/remote address, state, tx:rx queue, timer:when, retransmits
   while sleep "$TCPVIEW"; do

@@ -143,10 +143,14 @@ export class NetnsTestbed {
     });
   }
 
-  /** Limits the replication link to `rate` (tc tbf, e.g. '16mbit') in both directions; null removes it. */
-  async rateLimitRepl(rate: string | null): Promise<void> {
+  /**
+   * Limits the replication link to `rate` (tc tbf, e.g. '16mbit') in both directions; null
+   * removes it. `burst` must hold at least one timer tick's worth at that rate for the rate to be
+   * reached (bench/reprotect gives 10 ms worth).
+   */
+  async rateLimitRepl(rate: string | null, burst = '32kbit'): Promise<void> {
     for (const port of ['A-r', 'B-r']) {
-      if (rate) await run('ip', ['netns', 'exec', this.ns.S, '/usr/sbin/tc', 'qdisc', 'replace', 'dev', port, 'root', 'tbf', 'rate', rate, 'burst', '32kbit', 'latency', '100ms']);
+      if (rate) await run('ip', ['netns', 'exec', this.ns.S, '/usr/sbin/tc', 'qdisc', 'replace', 'dev', port, 'root', 'tbf', 'rate', rate, 'burst', burst, 'latency', '100ms']);
       else await run('ip', ['netns', 'exec', this.ns.S, '/usr/sbin/tc', 'qdisc', 'del', 'dev', port, 'root']).catch(() => undefined);
     }
   }

@@ -46,6 +46,8 @@ export interface PairOptions {
   peerless?: boolean;
   /** Raw disk images filled with this many MiB of random data (a resync then has real work). */
   randomDiskMib?: number;
+  /** Raw sparse disk images of sizeMib whose first filledMib hold random data (bench/reprotect). */
+  sparseDisk?: { sizeMib: number; filledMib: number };
 }
 
 export class AgentPair {
@@ -82,7 +84,12 @@ export class AgentPair {
       writeFileSync(join(d, 'heartbeat.key'), HEARTBEAT_KEY + '\n', { mode: 0o600 });
       writeFileSync(join(d, 'witness-token'), witnessToken(h) + '\n', { mode: 0o600 });
       for (const vm of this.o.vms) {
-        if (this.o.randomDiskMib) {
+        if (this.o.sparseDisk) {
+          const img = join(d, 'images', `${vm.name}.img`);
+          execFileSync('truncate', ['-s', `${this.o.sparseDisk.sizeMib}M`, img]);
+          if (this.o.sparseDisk.filledMib > 0) execFileSync('dd', ['if=/dev/urandom', `of=${img}`, 'bs=1M', `count=${this.o.sparseDisk.filledMib}`, 'conv=notrunc', 'status=none']);
+          execFileSync('dd', ['if=/dev/zero', `of=${img}`, 'bs=4096', 'count=2', 'conv=notrunc', 'status=none']);
+        } else if (this.o.randomDiskMib) {
           execFileSync('dd', ['if=/dev/urandom', `of=${join(d, 'images', `${vm.name}.img`)}`, 'bs=1M', `count=${this.o.randomDiskMib}`, 'status=none']);
           // the guest's counters live in the first sectors: start them at zero
           execFileSync('dd', ['if=/dev/zero', `of=${join(d, 'images', `${vm.name}.img`)}`, 'bs=4096', 'count=2', 'conv=notrunc', 'status=none']);
@@ -112,7 +119,7 @@ export class AgentPair {
         log_level: 'debug',
         vms: this.o.vms.map((v) => ({
           name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
-          disk: this.o.randomDiskMib ? { path: join(d, 'images', `${v.name}.img`), format: 'raw' } : { path: join(d, 'images', `${v.name}.qcow2`) },
+          disk: this.o.randomDiskMib || this.o.sparseDisk ? { path: join(d, 'images', `${v.name}.img`), format: 'raw' } : { path: join(d, 'images', `${v.name}.qcow2`) },
           boot: { kernel: g.kernel, initrd: g.initrd, append: `${g.append} ftkvm.ip=${this.tb.guestIp(v.guestIp)}/24${v.extraAppend ? ' ' + v.extraAppend : ''}` },
           nic: { bridge: this.tb.guestBridge, mac: v.mac ?? `52:54:00:77:${(v.guestIp & 0xff).toString(16).padStart(2, '0')}:10` },
           base_port: v.basePort,
