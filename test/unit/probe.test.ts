@@ -41,11 +41,17 @@ test('missing x-colo capability is named', (t) => {
   t.deepEqual(evaluateCapabilities({ ...FULL, migrationCapabilities: ['xbzrle'] }).missing, ["migration capability 'x-colo'"]);
 });
 
-test('early QEMU 10.0.x builds with the upstream COLO regression are refused; 10.0.13 is accepted', (t) => {
-  const bad = evaluateCapabilities({ ...FULL, version: { major: 10, minor: 0, micro: 2, package: '' } });
-  t.is(bad.problems.length, 1);
-  t.regex(bad.problems[0]!, /upstream COLO regression/);
-  t.deepEqual(evaluateCapabilities({ ...FULL, version: { major: 10, minor: 0, micro: 13, package: '' } }).problems, []);
+test('the QEMU releases with the upstream COLO regression are refused, naming the fix release; the fixed ones are accepted', (t) => {
+  const at = (minor: number, micro: number) => evaluateCapabilities({ ...FULL, version: { major: 10, minor, micro, package: '' } }).problems;
+  for (const micro of [0, 2, 6]) {
+    const p = at(0, micro);
+    t.is(p.length, 1, `10.0.${micro}`);
+    t.regex(p[0]!, new RegExp(`QEMU 10\\.0\\.${micro} has the upstream COLO regression.*upgrade to 10\\.0\\.7 or later in this series, or to 10\\.2\\.0`));
+  }
+  for (const micro of [0, 1, 2]) t.regex(at(1, micro)[0] ?? '', /upgrade to 10\.1\.3 or later/, `10.1.${micro}`);
+  for (const [minor, micro] of [[0, 7], [0, 13], [1, 3], [2, 0], [2, 5]] as const) t.deepEqual(at(minor, micro), [], `10.${minor}.${micro}`);
+  t.deepEqual(evaluateCapabilities({ ...FULL, version: { major: 9, minor: 2, micro: 0, package: '' } }).problems, []);
+  t.deepEqual(evaluateCapabilities({ ...FULL, version: { major: 11, minor: 0, micro: 0, package: '' } }).problems, []);
 });
 
 test('probing a real process: a QEMU without COLO (stock RHEL look-alike) over real QMP', async (t) => {

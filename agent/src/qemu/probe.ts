@@ -35,6 +35,21 @@ const REQUIRED_COMMANDS = ['x-colo-lost-heartbeat', 'x-blockdev-change', 'query-
 
 type SchemaEntry = { name: string; 'meta-type': string; values?: string[]; members?: { name: string }[] };
 
+// The upstream COLO regression: from 10.0.0 the primary completes the migration instead of
+// entering COLO. Fixed by 0b5bf4ea7620 ("migration: Fix transition to COLO state from precopy")
+// in 10.2.0 and backported to the 10.0.7 and 10.1.3 stable releases (qemu-stable series of
+// December 2025). Every stable series that carries the bug, with the release that fixes it.
+// Keep in step with roles/ftkvm_host/library/ftkvm_qemu_colo_probe.py.
+export const COLO_REGRESSION_FIXED_IN: Record<string, number> = { '10.0': 7, '10.1': 3 };
+
+/** Why this version must not run COLO, or null. */
+export function coloRegression(v: Pick<QemuVersion, 'major' | 'minor' | 'micro'>): string | null {
+  const fixedMicro = COLO_REGRESSION_FIXED_IN[`${v.major}.${v.minor}`];
+  if (fixedMicro === undefined || v.micro >= fixedMicro) return null;
+  return `QEMU ${v.major}.${v.minor}.${v.micro} has the upstream COLO regression of 10.0.0 (the primary completes the migration instead of entering COLO): `
+    + `upgrade to ${v.major}.${v.minor}.${fixedMicro} or later in this series, or to 10.2.0 or later (fix 0b5bf4ea7620)`;
+}
+
 /** Pure part: decide from the introspection answers. Tests feed it stripped lists. */
 export function evaluateCapabilities(input: {
   binary: string;
@@ -54,9 +69,8 @@ export function evaluateCapabilities(input: {
   for (const d of REQUIRED_DRIVERS) if (!drivers.has(d)) missing.push(`block driver '${d}'`);
   const problems = [...missing];
   const v = input.version;
-  if (v.major === 10 && v.minor === 0 && v.micro < 13) {
-    problems.push(`QEMU ${v.major}.${v.minor}.${v.micro} is in the 10.0.x range with an upstream COLO regression (the primary completes the migration instead of entering COLO; seen in 10.0.2, fixed in 10.0.13)`);
-  }
+  const broken = coloRegression(v);
+  if (broken) problems.push(broken);
   const features: QemuFeatures = { reconnectMs: v.major > 9 || (v.major === 9 && v.minor >= 2) };
   return { binary: input.binary, version: v, missing, problems, features };
 }

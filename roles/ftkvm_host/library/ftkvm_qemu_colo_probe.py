@@ -59,6 +59,10 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 # Keep in line with agent/src/qemu/probe.ts
+# The upstream COLO regression of 10.0.0 (migration never enters COLO), fixed by 0b5bf4ea7620 in
+# 10.2.0 and backported to 10.0.7 and 10.1.3: (major, minor) -> first fixed micro release.
+# Keep in step with agent/src/qemu/probe.ts.
+COLO_REGRESSION_FIXED_IN = {(10, 0): 7, (10, 1): 3}
 REQUIRED_TYPES = ['colo-compare', 'filter-mirror', 'filter-redirector', 'filter-rewriter', 'iothread']
 REQUIRED_DRIVERS = ['quorum', 'replication', 'nbd']
 REQUIRED_COMMANDS = ['x-colo-lost-heartbeat', 'x-blockdev-change', 'query-colo-status', 'drive-mirror',
@@ -179,8 +183,11 @@ def main():
         if d not in drivers:
             missing.append("block driver '%s'" % d)
     problems = list(missing)
-    if q.get('major') == 10 and q.get('minor') == 0 and (q.get('micro') or 0) < 13:
-        problems.append('QEMU %s has an upstream COLO regression (fixed in 10.0.13)' % version)
+    fixed_micro = COLO_REGRESSION_FIXED_IN.get((q.get('major'), q.get('minor')))
+    if fixed_micro is not None and (q.get('micro') or 0) < fixed_micro:
+        problems.append('QEMU %s has the upstream COLO regression of 10.0.0 (the primary completes the migration '
+                        'instead of entering COLO): upgrade to %s.%s.%s or later in this series, or to 10.2.0 or '
+                        'later (fix 0b5bf4ea7620)' % (version, q.get('major'), q.get('minor'), fixed_micro))
     module.exit_json(changed=False, colo_capable=not problems, missing=missing, problems=problems,
                      version=version, package=package, binary=p['binary'])
 
