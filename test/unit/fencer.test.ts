@@ -195,3 +195,51 @@ test('while the agent renews the lease itself the fencer sends nothing; it takes
   t.true(r.f.view().vm!.validForMs! > 0);
   t.true(r.state.renewals >= 10, `renewing on its own since (${r.state.renewals})`);
 });
+
+test('a lapse counts from the end of the validity the agent proved: an agent fencing at that moment is not frozen before its next pulse says so (simulation seed 187)', async (t) => {
+  const r = rig({ witness: 'down' });
+  // The agent renewed (its pulse proves the lease valid 300 ms ahead) and hears no peer.
+  const live = (validUntil: number | null, fenced: string[]) => { r.state.pulse = { at: r.now(), peerHeardAt: null, leaseValidUntil: validUntil === null ? {} : { vm: validUntil }, fenced }; };
+  const end = r.now() + 300;
+  for (let i = 0; i < 6; i++) { live(end, []); await r.run(50); }
+  // Its lease ran out: the pulse now says null, the agent is about to fence (its pulse lags a step).
+  live(null, []);
+  await r.run(100);
+  t.deepEqual(r.signals, [], 'within the margin after the proven validity: the agent fences by itself');
+  for (let i = 0; i < 40; i++) { live(null, ['vm']); await r.run(50); }
+  t.deepEqual(r.signals, [], 'the agent said it fenced: no SIGSTOP under its QMP commands');
+  // Had the agent not fenced, the fencer freezes once the margin (less two steps) has passed.
+  const r2 = rig({ witness: 'down' });
+  const end2 = r2.now() + 300;
+  r2.state.pulse = { at: r2.now(), peerHeardAt: null, leaseValidUntil: { vm: end2 }, fenced: [] };
+  await r2.run(300);
+  let ms = 0;
+  for (; ms < 1000 && r2.signals.length === 0; ms += 50) { r2.state.pulse = { at: r2.now(), peerHeardAt: null, leaseValidUntil: {}, fenced: [] }; await r2.run(50); }
+  t.deepEqual(r2.signals, ['SIGSTOP 4242']);
+  t.true(ms >= 150 && ms <= 300, `frozen ${ms} ms after the validity ended (margin 300 ms less two steps)`);
+});
+
+test('a QEMU frozen under a live agent is thawed once the agent renews the lease (a hung agent continued, or the witness came back while the agent does the renewing)', async (t) => {
+  const r = rig();
+  await r.run(1000);
+  r.pulse(30); // the agent's last word, then it hangs; the witness is unreachable
+  r.state.witness = 'down';
+  await r.run(1500);
+  t.deepEqual(r.signals, ['SIGSTOP 4242']);
+  // The agent continues and the witness answers it: its pulses prove the lease valid again, so the
+  // fencer sends no renewal of its own (agentRenews) and only the agent's proof can thaw.
+  r.state.witness = 'up';
+  const renewalsBefore = r.state.renewals;
+  r.state.pulse = { at: r.now(), peerHeardAt: null, leaseValidUntil: { vm: r.now() + 700 }, fenced: [] };
+  await r.run(50);
+  t.deepEqual(r.signals, ['SIGSTOP 4242', 'SIGCONT 4242']);
+  t.is(r.state.renewals, renewalsBefore, 'thawed on the agent\'s proof, not the fencer\'s own renewal');
+  t.regex(r.logs.join('\n'), /thawed the primary QEMU \(SIGCONT\): the agent renewed its lease/);
+  // An old pulse whose validity has passed proves nothing; a lost lease is never thawed.
+  const r2 = rig({ witness: 'lost' });
+  r2.pulse(10);
+  await r2.run(200);
+  r2.state.pulse = { at: r2.now(), peerHeardAt: null, leaseValidUntil: { vm: r2.now() + 700 }, fenced: [] };
+  await r2.run(500);
+  t.deepEqual(r2.signals, ['SIGSTOP 4242'], 'lost to hostB: stays frozen whatever the agent says');
+});

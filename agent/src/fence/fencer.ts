@@ -66,6 +66,8 @@ interface Kept {
   pid: number;
   startTicks: number;
   validUntil: number | null;  // mono ms; null: no renewal answered yet
+  /** The latest validity the agent's pulses proved (mono ms): a lapse counts from its real end. */
+  agentValidUntil: number | null;
   lost: string | null;        // another node holds a newer epoch
   frozen: boolean;            // we sent SIGSTOP
   renewing: boolean;
@@ -114,7 +116,7 @@ export class Fencer {
     for (const [vm, w] of Object.entries(want)) {
       let k = this.kept.get(vm);
       if (!k || k.pid !== w.qemuPid) {
-        k = { epoch: w.epoch, pid: w.qemuPid, startTicks: w.qemuStartTicks, validUntil: null, lost: null, frozen: this.d.isStopped(w.qemuPid), renewing: false, lastRenewAt: -Infinity };
+        k = { epoch: w.epoch, pid: w.qemuPid, startTicks: w.qemuStartTicks, validUntil: null, agentValidUntil: null, lost: null, frozen: this.d.isStopped(w.qemuPid), renewing: false, lastRenewAt: -Infinity };
         if (k.frozen) this.d.log('warn', 'found the primary QEMU stopped (frozen by an earlier fencer?): it stays so until the witness renews its lease', { vm, pid: k.pid });
         this.kept.set(vm, k);
       }
@@ -131,13 +133,30 @@ export class Fencer {
   }
 
   private enforce(vm: string, k: Kept, now: number, c: FencerControl, pulse: AgentPulse | null): void {
-    if (k.frozen) return;
+    // The agent's renewals prove the lease as ours do. Remembered: once its lease runs out the
+    // pulse says null, and the margin before anyone else can be granted counts from the real end
+    // (without it, a lapse right after the agent's own fence froze the guest before its next
+    // pulse could say "fenced", simulation seed 187).
+    const agentNow = pulse?.leaseValidUntil[vm] ?? null;
+    if (agentNow !== null) k.agentValidUntil = Math.max(k.agentValidUntil ?? agentNow, agentNow);
+    if (k.frozen) {
+      // The agent renewed the lease: the VM is this node's, and the agent manages it again (a
+      // hung agent continued, or it fenced and the witness came back). Thaw, or its QMP commands
+      // to the stopped QEMU hang and nobody thaws it while the agent does the renewing (seed 187:
+      // guest paused for good after the witness returned).
+      if (!k.lost && agentNow !== null && now < agentNow && this.d.alive(k.pid, k.startTicks)) {
+        this.d.signal(k.pid, 'SIGCONT');
+        k.frozen = false;
+        this.d.log('warn', 'thawed the primary QEMU (SIGCONT): the agent renewed its lease', { vm, pid: k.pid, epoch: k.epoch });
+      }
+      return;
+    }
     // The agent's word, if recent: it heard the peer within about two intervals of writing it (a
     // heartbeat proves the peer alive as of OUR ping's send time, up to an interval before).
     const pulseFresh = pulse !== null && now - pulse.at <= 3 * c.heartbeatIntervalMs;
     const peerVouched = pulseFresh && pulse.peerHeardAt !== null && pulse.at - pulse.peerHeardAt <= 3 * c.heartbeatIntervalMs;
     // Valid as long as either renewer (this process or the agent) proved it.
-    const agentValid = pulse?.leaseValidUntil[vm] ?? null;
+    const agentValid = k.agentValidUntil;
     const valid = k.validUntil === null ? agentValid : agentValid === null ? k.validUntil : Math.max(k.validUntil, agentValid);
     const why = k.lost ? `lease lost: ${k.lost}`
       : valid === null ? (k.renewing || k.lastRenewAt === -Infinity ? null : 'no renewal of the lease answered')
