@@ -33,3 +33,14 @@ test('pause percentiles over recent checkpoints', (t) => {
   t.is(s.pauseP50Ms, 51);
   t.is(s.pauseP99Ms, 100);
 });
+
+test('a wall clock stepped during a checkpoint: the pause and the rate come from the monotonic clock', (t) => {
+  const c = new CheckpointTracker(10_000);
+  c.stop(1000, 50); c.resume(1040, 90); // event times and monotonic agree: the event pause (40 ms)
+  c.stop(2000, 1050); c.resume(2000 + 900_000 + 30, 1080); // NTP stepped 15 min forward between them
+  const s = c.snapshot(1100);
+  t.is(s.lastPauseMs, 30, 'not 15 minutes');
+  t.is(s.lastAt, 902_030, 'reported on the wall clock (what the operator reads)');
+  t.is(c.lastMono, 1080);
+  t.is(s.ratePerS, 0.2, 'both checkpoints are in the monotonic window');
+});

@@ -109,13 +109,13 @@ export async function primaryMirror(q: QmpLike, a: PrimaryAddrs, onProgress: (p:
     device: 'colo-disk0', 'job-id': 'resync', target: `nbd://${a.peer}:${a.ports.nbd}/parent0`,
     mode: 'existing', format: 'raw', sync: 'full',
   }));
-  const t0 = Date.now();
+  const t0 = performance.now();
   for (;;) {
     const job = await step('query-block-jobs', () => blockJob(q, 'resync'));
     if (!job) throw new ColoSequenceError('drive-mirror', 'resync job vanished before it was ready (secondary gone?)');
     onProgress({ offset: job.offset, len: job.len, ready: job.ready });
     if (job.ready) return;
-    if (Date.now() - t0 > opts.timeoutMs) throw new ColoSequenceError('drive-mirror', `not ready after ${opts.timeoutMs} ms (${job.offset}/${job.len} bytes)`);
+    if (performance.now() - t0 > opts.timeoutMs) throw new ColoSequenceError('drive-mirror', `not ready after ${opts.timeoutMs} ms (${job.offset}/${job.len} bytes)`);
     await sleep(opts.pollMs ?? 100);
   }
 }
@@ -123,9 +123,9 @@ export async function primaryMirror(q: QmpLike, a: PrimaryAddrs, onProgress: (p:
 export async function cancelMirror(q: QmpLike, timeoutMs = 10_000): Promise<void> {
   if (!(await blockJob(q, 'resync'))) return;
   await ignoreMissing(() => q.execute('block-job-cancel', { device: 'resync' }));
-  const t0 = Date.now();
+  const t0 = performance.now();
   while (await blockJob(q, 'resync')) {
-    if (Date.now() - t0 > timeoutMs) throw new ColoSequenceError('block-job-cancel', `resync job still present after ${timeoutMs} ms`);
+    if (performance.now() - t0 > timeoutMs) throw new ColoSequenceError('block-job-cancel', `resync job still present after ${timeoutMs} ms`);
     await sleep(20);
   }
 }
@@ -152,12 +152,12 @@ export async function primaryAddProxyChardevs(q: QmpLike, a: PrimaryAddrs): Prom
 
 /** Resolves when the secondary's redirectors are connected to mirror0 and compare1. */
 export async function primaryWaitSecondaryConnected(q: QmpLike, timeoutMs: number): Promise<void> {
-  const t0 = Date.now();
+  const t0 = performance.now();
   for (;;) {
     const devs = await q.execute<{ label: string; filename: string }[]>('query-chardev');
     const conn = (id: string) => devs.find((d) => d.label === id)?.filename.includes('<->') ?? false;
     if (conn('mirror0') && conn('compare1')) return;
-    if (Date.now() - t0 > timeoutMs) {
+    if (performance.now() - t0 > timeoutMs) {
       throw new ColoSequenceError('wait secondary proxy', `secondary redirectors not connected after ${timeoutMs} ms (mirror0=${conn('mirror0')}, compare1=${conn('compare1')})`);
     }
     await sleep(50);
@@ -206,14 +206,14 @@ export async function primaryStartColo(q: QmpLike, a: PrimaryAddrs, checkpointDe
   await step('primary x-colo', () => q.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-colo', state: true }] }));
   await step('x-checkpoint-delay', () => q.execute('migrate-set-parameters', { 'x-checkpoint-delay': checkpointDelayMs }));
   await step('migrate', () => q.execute('migrate', { uri: `tcp:${a.peer}:${a.ports.migration}` }));
-  const t0 = Date.now();
+  const t0 = performance.now();
   for (;;) {
     const m = await step('query-migrate', () => q.execute<{ status?: string; 'error-desc'?: string }>('query-migrate'));
     if (m.status === 'colo') return;
     if (m.status === 'failed' || m.status === 'cancelled' || m.status === 'completed') {
       throw new ColoSequenceError('migrate', `migration ended as "${m.status}" instead of entering COLO${m['error-desc'] ? ': ' + m['error-desc'] : ''}`);
     }
-    if (Date.now() - t0 > timeoutMs) throw new ColoSequenceError('migrate', `not in COLO after ${timeoutMs} ms (status ${m.status})`);
+    if (performance.now() - t0 > timeoutMs) throw new ColoSequenceError('migrate', `not in COLO after ${timeoutMs} ms (status ${m.status})`);
     await sleep(50);
   }
 }

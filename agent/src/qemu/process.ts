@@ -77,8 +77,8 @@ export class QemuHandle {
   /** SIGKILL and wait until the process is really gone (ports and tap freed). */
   async killAndWait(timeoutMs = 5000): Promise<void> {
     this.kill('SIGKILL');
-    const t0 = Date.now();
-    while (this.alive() && Date.now() - t0 < timeoutMs) await sleep(20);
+    const t0 = performance.now();
+    while (this.alive() && performance.now() - t0 < timeoutMs) await sleep(20);
     this.qmp.close();
   }
 
@@ -87,9 +87,9 @@ export class QemuHandle {
 }
 
 async function connectQmp(paths: VmPaths, log: Logger, deadlineMs: number, isAlive: () => boolean): Promise<QmpClient> {
-  const t0 = Date.now();
+  const t0 = performance.now();
   let last: unknown;
-  while (Date.now() - t0 < deadlineMs) {
+  while (performance.now() - t0 < deadlineMs) {
     if (!isAlive()) break;
     try {
       return await QmpClient.connect(unixSocketConnector(paths.qmpSocket, 2000), { logger: log.child('qmp') });

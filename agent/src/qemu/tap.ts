@@ -21,14 +21,14 @@ export async function pinBridgeMac(exec: Exec, bridge: string, read: (path: stri
 }
 
 export async function plugTap(exec: Exec, tap: string, bridge: string, timeoutMs = 5000): Promise<void> {
-  const t0 = Date.now();
+  const t0 = performance.now();
   for (;;) {
     try {
       await exec('ip', ['link', 'set', 'dev', tap, 'master', bridge, 'up']);
       return;
     } catch (e) {
       // The tap appears when QEMU has opened /dev/net/tun; retry briefly.
-      if (Date.now() - t0 > timeoutMs) throw e;
+      if (performance.now() - t0 > timeoutMs) throw e;
       await new Promise((r) => setTimeout(r, 50));
     }
   }

@@ -50,13 +50,13 @@ export function httpTransport(url: string, token: () => string, caFile?: string)
       return { status: res.statusCode, body: (await res.body.json()) as AcquireAnswer };
     },
     async renew(leases, req, timeoutMs) {
-      if (batchUnsupported !== null && Date.now() - batchUnsupported < 60_000) return null;
+      if (batchUnsupported !== null && performance.now() - batchUnsupported < 60_000) return null;
       const res = await request(`${base}/v1/renewals`, {
         method: 'POST', dispatcher,
         headers: { authorization: `Bearer ${token()}`, 'content-type': 'application/json' },
         body: JSON.stringify({ ...req, leases }), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
       });
-      if (res.statusCode === 404 || res.statusCode === 405) { await res.body.dump(); batchUnsupported = Date.now(); return null; }
+      if (res.statusCode === 404 || res.statusCode === 405) { await res.body.dump(); batchUnsupported = performance.now(); return null; }
       batchUnsupported = null;
       const body = (await res.body.json()) as { results?: (AcquireAnswer & { vm: string; status: number })[]; message?: string };
       if (res.statusCode !== 200 || !Array.isArray(body.results) || body.results.length !== leases.length) {

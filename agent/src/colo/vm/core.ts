@@ -18,7 +18,9 @@ export class VmCore {
   readonly log: Logger;
   readonly paths: VmPaths;
   state: VmState = 'stopped';
+  /** Wall time of the last state change (reported); stateSinceMono measures how long ago. */
   stateSince: number;
+  stateSinceMono: number;
   stateReason = 'agent started';
   lastWhy = '';
   qemu: QemuProcess | undefined;
@@ -82,6 +84,7 @@ export class VmCore {
     this.log = d.log.child('vm', { vm: d.vm.name });
     this.paths = vmPaths(d.config.state_dir, d.vm.name);
     this.stateSince = d.clock.now();
+    this.stateSinceMono = d.clock.mono();
     this.ckpt = new CheckpointTracker(d.config.colo.storm_window_s * 1000, (pause) => this.d.metrics.checkpoint(this.name, pause));
     this.procs = d.qemuProcesses ?? systemQemuProcesses;
     const tail = d.logTail ?? ((path: string) => new LogTail(path));
@@ -111,6 +114,7 @@ export class VmCore {
     if (!isTransition(from, to)) this.log.error(`state transition outside the table: ${from} -> ${to}`, { reason });
     this.state = to;
     this.stateSince = this.d.clock.now();
+    this.stateSinceMono = this.d.clock.mono();
     this.stateReason = reason;
     if (from !== to) {
       this.log.info(`${from} -> ${to}`, { reason });
@@ -162,6 +166,11 @@ export class VmCore {
   }
 
   /** What the lease fencer must keep for this VM: a primary's epoch and its QEMU (fence/fencer.ts). */
+  /** Since the last checkpoint of this protection period (or since it began), monotonic. */
+  msSinceCheckpoint(): number {
+    return this.d.clock.mono() - Math.max(this.ckpt.lastMono ?? -Infinity, this.stateSinceMono);
+  }
+
   fencerEntry(): { epoch: number; qemuPid: number; qemuStartTicks: number } | null {
     const kept = this.state === 'standalone' || this.state === 'syncing' || this.state === 'protected' || this.state === 'dropping' || this.state === 'fenced';
     if (!kept || !this.qemu?.alive()) return null;
@@ -185,7 +194,7 @@ export class VmCore {
         pid: this.qemu.pid, runState: this.runState,
         uptimeS: Math.round((now - this.qemu.record.startedAt) / 1000), reattached: this.qemu.reattached,
       } : null,
-      checkpoints: this.ckpt.snapshot(now),
+      checkpoints: this.ckpt.snapshot(this.d.clock.mono()),
       resync: this.resync,
       lastFailover: this.lastFailover,
       lastProtectError: this.lastProtectError,

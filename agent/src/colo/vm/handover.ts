@@ -15,7 +15,7 @@ export async function replicaProblemNow(c: VmCore): Promise<string | null> {
   if (!(await coloChannelUp(c))) return 'the secondary QEMU is not connected to the primary';
   const m = await c.qemu.qmp.execute<{ status?: string }>('query-migrate', undefined, { timeoutMs: 2000 }).catch(() => ({ status: 'unknown' }));
   if (m.status !== 'colo') return `migration status is ${m.status}, not colo`;
-  const since = c.d.clock.now() - Math.max(c.ckpt.lastAt ?? 0, c.stateSince);
+  const since = c.msSinceCheckpoint();
   const limit = 2 * checkpointDelay(c.d.config, c.d.vm) + 3000;
   if (since > limit) return `no checkpoint for ${Math.round(since)} ms`;
   return null;
@@ -34,7 +34,7 @@ export async function quiesceForHandover(c: VmCore, timeoutMs = 5000): Promise<s
   const q = c.qemu?.qmp;
   if (c.state !== 'protected' || !q) return `not quiesced (state ${c.state})`;
   const tap = tapName(c.d.vm);
-  const t0 = c.d.clock.now();
+  const t0 = c.d.clock.mono();
   try {
     await c.d.exec('ip', ['link', 'set', 'dev', tap, 'down']);
   } catch (e) {
@@ -42,8 +42,8 @@ export async function quiesceForHandover(c: VmCore, timeoutMs = 5000): Promise<s
   }
   const c0 = c.ckpt.count;
   await q.execute('migrate-set-parameters', { 'x-checkpoint-delay': checkpointDelay(c.d.config, c.d.vm) }).catch(() => undefined);
-  while (c.ckpt.count === c0 && c.d.clock.now() - t0 < timeoutMs && c.state === 'protected') await new Promise((r) => setTimeout(r, 10));
-  const ms = Math.round(c.d.clock.now() - t0);
+  while (c.ckpt.count === c0 && c.d.clock.mono() - t0 < timeoutMs && c.state === 'protected') await new Promise((r) => setTimeout(r, 10));
+  const ms = Math.round(c.d.clock.mono() - t0);
   return c.ckpt.count > c0 ? `guest tap down and a checkpoint taken in ${ms} ms: the replica is this guest exactly` : `guest tap down, but no checkpoint within ${ms} ms`;
 }
 

@@ -24,7 +24,7 @@ export function onEvent(c: VmCore, e: QmpEvent): void {
     case 'STOP':
       c.runState = 'paused';
       if (c.state === 'protected' || c.state === 'secondary') {
-        c.ckpt.stop(t);
+        c.ckpt.stop(t, c.d.clock.mono());
         // A checkpoint normally takes well under a second; say so when one does not.
         const stoppedAt = c.ckpt.count;
         setTimeout(() => {
@@ -46,7 +46,7 @@ export function onEvent(c: VmCore, e: QmpEvent): void {
           () => c.log.error('QEMU resumed the fenced guest on its own (it left COLO); paused it again, network still cut', { msAfterResume: c.d.clock.now() - t }),
           (err) => c.log.error('could not pause the fenced guest again after QEMU resumed it', { error: errorMessage(err) }));
       }
-      if (c.state === 'protected' || c.state === 'secondary') c.ckpt.resume(t);
+      if (c.state === 'protected' || c.state === 'secondary') c.ckpt.resume(t, c.d.clock.mono());
       else if (c.state === 'preparing') c.setState('secondary', 'COLO running: first checkpoint received from the primary');
       break;
     case 'COLO_EXIT':

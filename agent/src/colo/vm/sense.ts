@@ -40,7 +40,7 @@ export function stormReason(c: VmCore): string | null {
   if (limit <= 0 || c.state !== 'protected') return null;
   const window = c.d.config.colo.storm_window_s * 1000;
   if (c.d.clock.mono() - c.protectedSince < window) return null;
-  const rate = c.ckpt.snapshot(c.d.clock.now()).ratePerS;
+  const rate = c.ckpt.snapshot(c.d.clock.mono()).ratePerS;
   return rate > limit ? `checkpoint storm: ${rate.toFixed(1)}/s over ${window / 1000} s (limit ${limit}/s): outputs keep diverging, secondary not trusted` : null;
 }
 
@@ -129,7 +129,7 @@ export async function sense(c: VmCore): Promise<DecideInput | null> {
   // The witness named a newer epoch another node holds: known from now on (a cold start asks the next one).
   if (lease.heldEpoch !== undefined && lease.heldEpoch > c.durable().epoch) c.persist({ epoch: lease.heldEpoch });
   const replPath = view.paths.find((x) => x.address === c.d.config.peer.replication_address);
-  const msSinceLastCheckpoint = c.state === 'protected' ? c.d.clock.now() - Math.max(c.ckpt.lastAt ?? 0, c.stateSince) : null;
+  const msSinceLastCheckpoint = c.state === 'protected' ? c.msSinceCheckpoint() : null;
   const stallMs = checkpointStallMs(c.d.config, c.d.vm);
   // A stall is blamed on the secondary only if our own QEMU still answers: a wedged primary
   // must not make the secondary discard the one healthy copy.

@@ -12,7 +12,7 @@ import { killQemu } from '../lifecycle.ts';
 export async function dropSecondary(c: VmCore, why: string, peerDead: boolean): Promise<void> {
   const q = c.qemu?.qmp;
   if (!q) return;
-  const t0 = c.d.clock.now();
+  const t0 = c.d.clock.mono();
   const lastHeard = c.d.peerView().lastHeardMs;
   c.setState('dropping', why);
   // A live secondary is told first, so it never takes over with a stale copy. A dead one
@@ -55,7 +55,7 @@ export async function dropSecondary(c: VmCore, why: string, peerDead: boolean): 
   }
   const st = await q.execute<{ running: boolean }>('query-status').catch(() => ({ running: true }));
   if (!st.running && !c.durable().fenced) await q.execute('cont').catch((e) => c.log.error('cont failed', { error: errorMessage(e) }));
-  const seqMs = c.d.clock.now() - t0;
+  const seqMs = c.d.clock.mono() - t0;
   const reason: FailoverReason = /stall/.test(why) ? 'checkpoint-stall' : /storm/.test(why) ? 'checkpoint-storm' : /sick|not trusted/.test(why) ? 'secondary-sick' : 'secondary-lost';
   c.d.metrics.failover(c.name, reason);
   c.lastFailover = { at: c.d.clock.now(), kind: 'secondary-dropped', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };

@@ -31,7 +31,7 @@ export async function fence(c: VmCore, why: string): Promise<void> {
 }
 
 export async function cutAndPause(c: VmCore, q: seq.QmpLike, why: string): Promise<void> {
-  const t0 = c.d.clock.now();
+  const t0 = c.d.clock.mono();
   try {
     c.d.store.update(c.name, { fenced: true });
   } catch (e) {
@@ -45,7 +45,7 @@ export async function cutAndPause(c: VmCore, q: seq.QmpLike, why: string): Promi
     .catch((e) => c.log.warn('closing replication connections failed', { error: errorMessage(e) }));
   await q.execute('set_link', { name: 'hn0', up: false }, { timeoutMs: 2000 }).catch((e) => c.log.error('set_link off failed while fencing', { error: errorMessage(e) }));
   await q.execute('stop', undefined, { timeoutMs: 5000 }).catch((e) => c.log.error('stop failed while fencing', { error: errorMessage(e) }));
-  c.log.error('FENCED: guest network cut and vCPUs paused', { why, ms: c.d.clock.now() - t0 });
+  c.log.error('FENCED: guest network cut and vCPUs paused', { why, ms: c.d.clock.mono() - t0 });
   c.setState('fenced', `paused: ${why}`);
 }
 

@@ -16,7 +16,7 @@ export async function protect(c: VmCore, why: string): Promise<void> {
   const q = c.qemu?.qmp;
   if (!q) return;
   const attempt = c.protectFailures + 1;
-  const t0 = c.d.clock.now();
+  const t0 = c.d.clock.mono();
   const protection = randomUUID();
   c.protection = protection;
   c.setState('syncing', `building a replica on ${c.d.config.peer.name} (attempt ${attempt}): ${why}`);
@@ -31,9 +31,9 @@ export async function protect(c: VmCore, why: string): Promise<void> {
     // Our CLAIM (promotion epoch): a stale primary that merely heard a newer epoch is refused.
     await c.d.peer.call('POST', `/v1/peer/vms/${c.name}/prepare`, { epoch: dur.primaryEpoch, sizeBytes: size, primary: c.d.config.node.name, protection } satisfies PrepareRequest, 60_000);
     c.resync = { ...c.resync, phase: 'mirroring', bytesTotal: size };
-    let lastDone = 0, lastLog = 0;
+    let lastDone = 0, lastLog = -Infinity;
     await seq.primaryMirror(q, a, (p) => {
-      const now = c.d.clock.now();
+      const now = c.d.clock.mono();
       const elapsed = Math.max(1, now - t0) / 1000;
       c.d.metrics.resync(c.name, p.offset - lastDone);
       lastDone = p.offset;
@@ -49,7 +49,7 @@ export async function protect(c: VmCore, why: string): Promise<void> {
     await seq.primaryWaitSecondaryConnected(q, 15_000);
     c.resync = { ...c.resync, phase: 'first-checkpoint' };
     const st = await q.execute<{ running: boolean }>('query-status');
-    const tStop = c.d.clock.now();
+    const tStop = c.d.clock.mono();
     if (st.running) { await q.execute('stop'); stoppedByUs = true; }
     await seq.cancelMirror(q);
     await seq.primaryAttachReplication(q, a);
@@ -60,7 +60,7 @@ export async function protect(c: VmCore, why: string): Promise<void> {
     c.lastProtectError = null;
     c.resync = null;
     c.persist({ role: 'primary' });
-    c.setState('protected', `replica on ${c.d.config.peer.name} in sync after ${((c.d.clock.now() - t0) / 1000).toFixed(1)} s (guest paused ${stoppedByUs ? c.d.clock.now() - tStop : 0} ms for the first checkpoint)`);
+    c.setState('protected', `replica on ${c.d.config.peer.name} in sync after ${((c.d.clock.mono() - t0) / 1000).toFixed(1)} s (guest paused ${stoppedByUs ? c.d.clock.mono() - tStop : 0} ms for the first checkpoint)`);
   } catch (e) {
     const msg = errorMessage(e);
     c.protectFailures++;

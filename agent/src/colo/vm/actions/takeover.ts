@@ -10,7 +10,7 @@ import { killQemu, recordProcessRole } from '../lifecycle.ts';
 export async function takeover(c: VmCore, why: string, opts: { fromDisk?: boolean } = {}): Promise<void> {
   const q = c.qemu?.qmp;
   if (!q) return;
-  const t0 = c.d.clock.now();
+  const t0 = c.d.clock.mono();
   const lastHeard = c.d.peerView().lastHeardMs;
   const requested = c.takeoverRequested;
   // The epoch right after the one this replica copies, never after one merely heard of: a
@@ -50,7 +50,7 @@ export async function takeover(c: VmCore, why: string, opts: { fromDisk?: boolea
     return;
   }
   recordProcessRole(c, 'primary');
-  const seqMs = c.d.clock.now() - t0;
+  const seqMs = c.d.clock.mono() - t0;
   await seq.announce(q).catch((e) => c.log.warn('announce-self failed', { error: errorMessage(e) }));
   c.d.metrics.failover(c.name, requested ? 'requested' : /QEMU is gone/.test(why) ? 'primary-qemu-gone' : 'primary-lost');
   const detection = requested ? null : lastHeard;
@@ -75,7 +75,7 @@ export async function restartFromDisk(c: VmCore, why: string, t0: number, lastHe
   c.sick = null;
   c.brokenDevices = [];
   await coldStart(c, `degraded failover, guest restarted from the replicated disk: ${why}`);
-  const seqMs = c.d.clock.now() - t0;
+  const seqMs = c.d.clock.mono() - t0;
   c.d.metrics.failover(c.name, 'degraded-restart');
   c.lastFailover = { at: c.d.clock.now(), kind: 'restart-from-disk', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };
 }
