@@ -16,6 +16,7 @@ import type { Clock } from '../../agent/src/util/clock.ts';
 import { FtkvmError, errorMessage } from '../../agent/src/util/errors.ts';
 import { ADDR, NetRefused, NetTimeout, type HostId, type Net } from './net.ts';
 import { SimQemu, type QemuEnv } from './qemu.ts';
+import { SimProcess } from './process.ts';
 import type { SimWitness } from './witness.ts';
 import { agentPulse, fencerControl } from '../../agent/src/fence/publish.ts';
 import type { AgentPulse, FencerControl } from '../../agent/src/fence/fencer.ts';
@@ -35,6 +36,8 @@ export interface SimHost {
   /** What the agent last told the lease fencer (fence/publish.ts); the fencer outlives the agent. */
   fencerControl: FencerControl | null;
   fencerPulse: AgentPulse | null;
+  /** The host's wall clock minus true time (NTP steps it); monotonic clocks never move with it. */
+  clockOffsetMs: number;
 }
 
 export interface SimWorldPorts {
@@ -69,16 +72,20 @@ export class SimAgent {
   readonly heartbeat: HeartbeatService;
   readonly vm: VmController;
   alive = true;
+  /** This agent's process: stopped (SIGSTOP) by a hang fault, killed by a crash. */
+  readonly proc: SimProcess;
   private loop: ReturnType<typeof setInterval> | undefined;
   private heardPeer = false;
   private readonly c: Config;
 
   constructor(readonly host: SimHost, private readonly w: SimWorldPorts, gen: number) {
     const h = host.id;
+    this.proc = new SimProcess(`${h}#${gen}`, () => host.clockOffsetMs);
     this.c = simConfig(h);
-    const startMono = Date.now();
+    const startMono = performance.now();
     this.log = createLogger({ level: 'info', now: () => Date.now(), sink: (r) => { if (this.alive) w.log(`${h}#${gen} ${r.level} ${r.component}: ${r.msg} ${JSON.stringify(r.fields)}`); } }); // a dead process logs nothing
-    const clock: Clock = { now: () => Date.now(), mono: () => Date.now(), setTimeout: (fn, ms) => { const t = setTimeout(fn, ms); return { cancel: () => clearTimeout(t) }; } };
+    // now(): this host's wall clock (stepped by clock faults); mono(): CLOCK_MONOTONIC.
+    const clock: Clock = { now: () => Date.now(), mono: () => performance.now(), setTimeout: (fn, ms) => { const t = setTimeout(fn, ms); return { cancel: () => clearTimeout(t) }; } };
     const medium: StateMedium = {
       read: (path) => { const t = host.files.get(path); return t ? JSON.parse(t) as NodeStateFile : null; },
       write: (path, text) => {
@@ -100,7 +107,8 @@ export class SimAgent {
     this.gate = new WitnessGate({ url: this.c.witness.url!, node: this.c.node.name, leaseMs: this.c.witness.lease_ms, token: () => 'sim', clock, log: this.log.child('witness'), transport: witnessTransport });
     const udp: DatagramTransport = {
       bind: async (_addr, port, onMessage) => {
-        const s = w.net.bind(h, port, (buf, from) => { if (this.alive) onMessage(buf, from); });
+        // A datagram waits in the socket buffer while the process is stopped.
+        const s = w.net.bind(h, port, (buf, from) => this.proc.fire({}, 'io', () => { if (this.alive) onMessage(buf, from); }));
         return { send: (buf, p, a) => { if (this.alive) w.net.datagram(h, a, p, buf); }, close: () => s.close() };
       },
     };
@@ -167,7 +175,10 @@ export class SimAgent {
     });
   }
 
-  async start(): Promise<void> {
+  /** Starts the process (its code runs as this.proc's). */
+  start(): Promise<void> { return this.proc.run(() => this.boot()); }
+
+  private async boot(): Promise<void> {
     await this.vm.init();
     if (!this.alive) return;
     await this.heartbeat.start();
@@ -180,13 +191,14 @@ export class SimAgent {
     void this.vm.tick();
     const vms = new Map([[VM, this.vm]]);
     this.host.fencerControl = fencerControl(this.c, vms);
-    this.host.fencerPulse = agentPulse(this.host.fencerControl, vms, this.heartbeat.view(), this.gate, Date.now());
+    this.host.fencerPulse = agentPulse(this.host.fencerControl, vms, this.heartbeat.view(), this.gate, performance.now());
   }
 
   /** The process dies: nothing it started goes on touching the world. Its QEMU keeps running. */
   crash(): void {
     if (!this.alive) return;
     this.alive = false;
+    this.proc.kill();
     if (this.loop) clearInterval(this.loop);
     this.heartbeat.stop();
     this.gate.stop();
@@ -219,6 +231,12 @@ export class SimAgent {
 
   /** The peer-RPC routes of api/routes.ts. */
   async serve(path: string, body: unknown): Promise<unknown> {
+    await this.proc.running(); // the request waits on the socket while the process is stopped
+    if (!this.alive) throw new Error('agent process is dead');
+    return this.proc.run(() => this.route(path, body));
+  }
+
+  private async route(path: string, body: unknown): Promise<unknown> {
     const b = (body ?? {}) as Record<string, unknown>;
     if (path.endsWith('/prepare')) {
       await this.vm.prepareSecondary({ epoch: b.epoch as number, sizeBytes: b.sizeBytes as number, primary: b.primary as string, protection: b.protection as string | undefined });

@@ -13,7 +13,7 @@ export class SimFencer {
   constructor(host: SimHost, w: SimWorldPorts) {
     const h = host.id;
     this.f = new Fencer({
-      mono: () => Date.now(),
+      mono: () => performance.now(),
       readControl: () => host.fencerControl,
       readPulse: () => host.fencerPulse,
       readToken: () => 'sim',

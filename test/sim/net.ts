@@ -4,6 +4,7 @@
 // datagrams; captured heartbeats can be replayed. Everything runs on the (fake) timers, so
 // a seed reproduces it exactly.
 import type { Prng } from './prng.ts';
+import { currentProcess, ioTimeout, outside } from './process.ts';
 
 export type HostId = 'A' | 'B' | 'W';
 export type NetId = 'mgmt' | 'repl';
@@ -19,6 +20,12 @@ export function whereIs(addr: string): { host: HostId; net: NetId } | null {
     for (const [net, a] of Object.entries(nets)) if (a === addr) return { host: host as HostId, net: net as NetId };
   }
   return null;
+}
+
+/** Runs f in the context of the process current now (the sender), whoever calls it later. */
+function sender<A extends unknown[], R>(f: (...a: A) => R): (...a: A) => R {
+  const p = currentProcess();
+  return p ? (...a: A) => p.run(() => f(...a)) : f;
 }
 
 /** No answer: the request timed out (a cut link, a dead host). */
@@ -78,14 +85,14 @@ export class Net {
     for (let i = 0; i < copies; i++) {
       if (!this.up(from, dst.host, dst.net) || (this.loss && this.rng.chance(this.loss))) continue;
       this.datagrams++;
-      setTimeout(() => {
+      outside(() => setTimeout(() => { // in flight: no longer the sender's
         if (!this.up(from, dst.host, dst.net)) return;
         const rx = this.sockets.get(`${addr}:${port}`);
         if (!rx) return;
         this.captured.push({ to: dst.host, addr, port, buf, from: src });
         if (this.captured.length > 400) this.captured.splice(0, 100);
         rx(buf, src);
-      }, this.latency());
+      }, this.latency()));
     }
   }
 
@@ -105,16 +112,19 @@ export class Net {
   exchange<T>(what: string, from: HostId, to: HostId, net: NetId, listening: () => boolean, serve: () => Promise<T>, timeoutMs: number, connectTimeoutMs = timeoutMs): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       let done = false;
+      // The answer arrives at the sender as I/O (parked while its process is stopped).
+      const back = sender((f: () => void) => ioTimeout(f, this.latency()));
       const finish = (f: () => void) => { if (!done) { done = true; clearTimeout(timer); f(); } };
       const timer = setTimeout(() => finish(() => reject(new NetTimeout(what))), this.both(from, to, net) ? timeoutMs : Math.min(connectTimeoutMs, timeoutMs));
       if (!this.both(from, to, net)) return;
-      setTimeout(() => {
+      outside(() => setTimeout(() => { // in flight: no longer the sender's
         if (!this.up(from, to, net)) return;
-        if (!listening()) { finish(() => reject(new NetRefused(what))); return; }
-        serve().then(
-          (v) => setTimeout(() => { if (this.up(to, from, net)) finish(() => resolve(v)); }, this.latency()),
-          (e) => setTimeout(() => { if (this.up(to, from, net)) finish(() => reject(e)); }, this.latency()));
-      }, this.latency());
+        if (!listening()) { back(() => finish(() => reject(new NetRefused(what)))); return; }
+        // The receiver's code is not the sender's: it runs as nobody's (a SimAgent enters its own).
+        outside(serve).then(
+          (v) => back(() => { if (this.up(to, from, net)) finish(() => resolve(v)); }),
+          (e) => back(() => { if (this.up(to, from, net)) finish(() => reject(e)); }));
+      }, this.latency()));
     });
   }
 }

@@ -15,6 +15,10 @@ import type { QmpEvent } from '../../agent/src/qmp/client.ts';
 import type { QmpLike } from '../../agent/src/colo/sequences.ts';
 import { QmpCommandError, QmpDisconnectedError, QmpTimeoutError } from '../../agent/src/qmp/errors.ts';
 import type { HostId } from './net.ts';
+import { bindIo, currentProcess, ioTimeout, outside } from './process.ts';
+
+/** QEMU's own timers: a process of its own, not the agent's that sent the command. */
+const later = (fn: () => void, ms: number): ReturnType<typeof setTimeout> => outside(() => setTimeout(fn, ms));
 
 export const DISK_BYTES = 64 * 1024 * 1024;
 
@@ -32,6 +36,12 @@ export interface QemuEnv {
 }
 
 type Fn = (e: QmpEvent) => void;
+
+/** The process's exit, seen by the agent that holds it (SIGCHLD is I/O too). */
+function deliveredTo<T>(p: ReturnType<typeof currentProcess>, v: Promise<T>): Promise<T> {
+  if (!p) return v;
+  return v.then((x) => new Promise<T>((r) => p.fire({}, 'io', () => r(x))));
+}
 let nextPid = 40_000;
 
 export class SimQemu {
@@ -90,7 +100,7 @@ export class SimQemu {
     const self = this;
     const gen = this.gen;
     return {
-      pid: this.pid, record: this.record, exited: this.exited, reattached, qmp: this.handle(this.gen),
+      pid: this.pid, record: this.record, exited: deliveredTo(currentProcess(), this.exited), reattached, qmp: this.handle(this.gen),
       alive: () => self.isAlive,
       // Through a connection of a dead agent nothing happens: the process that held it is gone.
       kill: () => { if (self.gen === gen) self.die('SIGKILL'); },
@@ -118,7 +128,7 @@ export class SimQemu {
     this.partner = null;
     if (p) p.onPartnerGone();
     this.env.note(`${this.host} QEMU ${this.pid} (${this.role}) died`);
-    setTimeout(() => this.resolveExit({ code: null, signal }), 0);
+    later(() => this.resolveExit({ code: null, signal }), 0);
   }
 
   /** The other end's process is gone (its sockets got RST). */
@@ -138,7 +148,7 @@ export class SimQemu {
   private emit(event: string, data?: Record<string, unknown>): void {
     const now = Date.now();
     const e: QmpEvent = { event, data, timestamp: { seconds: Math.floor(now / 1000), microseconds: (now % 1000) * 1000 } } as QmpEvent;
-    setTimeout(() => { if (this.isAlive) for (const l of [...this.listeners]) l(e); }, 0);
+    later(() => { if (this.isAlive) for (const l of [...this.listeners]) l(e); }, 0);
   }
   /** The guest has run at least once (a cold start held paused before its first instruction has not). */
   everRan = false;
@@ -165,7 +175,7 @@ export class SimQemu {
   private clearCkpt(): void { if (this.ckptTimer) clearTimeout(this.ckptTimer); this.ckptTimer = null; }
   private scheduleCkpt(ms = this.ckptDelay): void {
     this.clearCkpt();
-    this.ckptTimer = setTimeout(() => this.checkpoint(), ms);
+    this.ckptTimer = later(() => this.checkpoint(), ms);
   }
 
   private checkpoint(): void {
@@ -185,7 +195,7 @@ export class SimQemu {
     if (!this.env.replUp() || p.stuck) { this.scheduleCkpt(50); return; } // stalled: a cut link, a secondary that does not run
     const pause = 5 + Math.floor(this.env.latency() * 10);
     p.setRun('paused');
-    this.ckptTimer = setTimeout(() => {
+    this.ckptTimer = later(() => {
       this.ckptTimer = null;
       if (!this.isAlive || this.colo !== 'primary') return;
       if (!p.isAlive || p.severed || this.severed || !this.env.replUp() || p.stuck) { this.scheduleCkpt(50); return; }
@@ -236,7 +246,7 @@ export class SimQemu {
     }
     this.mig = 'active';
     const ms = 20 + Math.floor(this.env.latency() * 100);
-    setTimeout(() => {
+    later(() => {
       if (!this.isAlive || this.mig !== 'active') return;
       if (!sec.isAlive || !this.env.replUp() || sec.run !== 'inmigrate') { this.mig = 'failed'; return; }
       this.mig = 'colo';
@@ -263,9 +273,9 @@ export class SimQemu {
       if (!sec.isAlive || !this.env.replUp() || !sec.nbd) { this.job = null; return; } // job fails and goes away
       j.offset = Math.min(j.len, j.offset + this.env.rate() * 50);
       if (j.offset >= j.len && !j.ready) { j.ready = true; this.env.disk[sec.host].counter = this.counter; }
-      setTimeout(step, 50);
+      later(step, 50);
     };
-    setTimeout(step, 50);
+    later(step, 50);
   }
 
   /** One unit of client work reaches this (serving) copy; true when its answer is released. */
@@ -284,6 +294,7 @@ export class SimQemu {
   // ------------------------------------------------------------ QMP
   private handle(gen: number): QmpLike {
     const self = this;
+    const bound = new Map<Fn, Fn>();
     return {
       execute<T>(command: string, args?: Record<string, unknown>, opts?: { timeoutMs?: number }): Promise<T> {
         return new Promise<T>((resolve, reject) => {
@@ -293,18 +304,19 @@ export class SimQemu {
           // A stuck QEMU answers queued commands once it runs again (the client may have timed out).
           const answer = () => {
             if (!self.isAlive || self.gen !== gen) { clearTimeout(t); reject(new QmpDisconnectedError(command)); return; }
-            if (self.stuck) { setTimeout(answer, 20); return; }
+            if (self.stuck) { ioTimeout(answer, 20); return; }
             clearTimeout(t);
             try { resolve(self.command(command, args ?? {}) as T); } catch (e) { reject(e); }
           };
-          setTimeout(answer, self.env.latency());
+          ioTimeout(answer, self.env.latency());
         });
       },
       hmp(line: string, opts?: { timeoutMs?: number }): Promise<string> {
         return this.execute<string>('human-monitor-command', { 'command-line': line }, opts);
       },
-      on(_ev: 'event', fn: Fn) { if (self.gen === gen) self.listeners.add(fn); return this; },
-      off(_ev: 'event', fn: Fn) { self.listeners.delete(fn); return this; },
+      // Events reach the agent as I/O on its QMP socket (parked while it is stopped).
+      on(_ev: 'event', fn: Fn) { if (self.gen === gen) { const b = bindIo(fn); bound.set(fn, b); self.listeners.add(b); } return this; },
+      off(_ev: 'event', fn: Fn) { self.listeners.delete(bound.get(fn) ?? fn); bound.delete(fn); return this; },
     };
   }
 

@@ -98,4 +98,30 @@ export const SCENARIOS: Scenario[] = [
     faults: [{ kind: 'witness-slow', at: 18_527, for: 7_457 }, { kind: 'isolate-A', at: 21_262, for: 4_446 }],
     seeds: [4375, 1, 2],
   },
+  {
+    // Found by the simulator (seed 187): the agent fenced as its lease ran out, the fencer froze
+    // the QEMU under it 29 ms later (the pulse said "no lease" before it said "fenced"), and once
+    // the witness was back only the agent renewed: nobody thawed, the guest stayed paused.
+    name: 'partition, then the witness crashes: the primary fences itself and resumes when the peer and the witness are back',
+    path: 14,
+    faults: [{ kind: 'partition', at: 27_361, for: 6_362 }, { kind: 'witness-crash', at: 30_685, for: 4_865 }],
+    seeds: [187, 1, 2],
+  },
+  {
+    // Found by the simulator: checkpoint ages were measured on the wall clock, so an NTP step
+    // forward on the primary made the replica look stalled for 15 min and protection was dropped
+    // (secondary killed, full resync). Intervals are monotonic now; wall time is only reported.
+    name: 'NTP steps the wall clock of either host, both ways: nothing is decided, protection is never dropped',
+    path: 15,
+    faults: [{ kind: 'clock-step-A', at: 10_000, for: 9_001 }, { kind: 'clock-step-B', at: 22_000, for: 8_000 }, { kind: 'clock-step-A', at: 31_000, for: 6_000 }, { kind: 'clock-step-B', at: 33_000, for: 3_001 }],
+    mustNotLog: /drop-secondary|discard-secondary|decision: takeover|FENCED|FROZE/,
+  },
+  {
+    // Issue 11 path 8 with the agent hung (SIGSTOP) rather than dead: its timers and sockets wait;
+    // on SIGCONT the expired timers run before the queued heartbeats (as in Node).
+    name: 'the primary\'s agent hangs and its host is cut off: the fencer freezes the guest before the survivor serves; continued, the agent demotes',
+    path: 16,
+    faults: [{ kind: 'agent-hang-A', at: 10_000, for: 8_000 }, { kind: 'isolate-A', at: 10_100, for: 8_000 }],
+    mustLog: /FROZE the primary QEMU|split brain resolved against this node/,
+  },
 ];

@@ -15,7 +15,7 @@ export class SimWitness {
   /** Every change of holder or epoch, for the invariants: epochs per VM never go back. */
   readonly grants: { vm: string; holder: string; epoch: number; at: number }[] = [];
 
-  private open(): LeaseTable { return new LeaseTable({ load: () => this.stored, save: (all) => { this.stored = structuredClone(all); } }, () => Date.now()); }
+  private open(): LeaseTable { return new LeaseTable({ load: () => this.stored, save: (all) => { this.stored = structuredClone(all); } }, () => performance.now()); }
 
   get up(): boolean { return this.up_; }
   /** Crash (false) or restart (true): a restarted witness reloads what it stored. */

@@ -9,15 +9,24 @@ import { SimWitness } from './witness.ts';
 import { SimAgent, VM, other, type SimHost, type SimWorldPorts } from './agent.ts';
 import type { QemuEnv, SimQemu } from './qemu.ts';
 import { SimFencer } from './fencer.ts';
+import { installProcesses, outside, type SimProcess } from './process.ts';
 
 export const FAULT_KINDS = [
   'partition', 'cut-repl', 'cut-mgmt', 'cut-witness-A', 'cut-witness-B', 'one-way', 'isolate-A', 'isolate-B',
   'witness-crash', 'witness-slow', 'qemu-crash-A', 'qemu-crash-B', 'agent-crash-A', 'agent-crash-B',
   'host-crash-A', 'host-crash-B', 'loss', 'dup-reorder', 'replay', 'write-fail-A', 'write-fail-B',
   'qemu-wedge-A', 'qemu-wedge-B', 'replica-sick-A', 'replica-sick-B', 'takeover-fails-A', 'takeover-fails-B',
+  'agent-hang-A', 'agent-hang-B', 'clock-step-A', 'clock-step-B',
 ] as const;
 export type FaultKind = typeof FAULT_KINDS[number];
 export interface Fault { kind: FaultKind; at: number; for: number; link?: string }
+
+/**
+ * A clock-step fault steps the host's wall clock by this much at `at` and back at its end (NTP
+ * correcting a wrong clock both ways): odd durations forward, even ones back, 100x the fault's
+ * length (30 s .. 15 min).
+ */
+export const clockStepMs = (f: Fault): number => (f.for % 2 ? 1 : -1) * f.for * 100;
 
 export type Invariant = 'S1' | 'S2' | 'S3' | 'L1' | 'L2' | 'T';
 export interface Violation { invariant: Invariant; atMs: number; detail: string }
@@ -49,7 +58,10 @@ export function scheduleFor(seed: number): Fault[] {
 const NOW0 = Date.UTC(2026, 10, 26);
 
 export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(seed), opts: { traceLines?: number; watch?: RegExp } = {}): Promise<RunResult> {
-  const clock = FakeTimers.install({ now: NOW0, toFake: ['setTimeout', 'clearTimeout', 'setInterval', 'clearInterval', 'Date'] });
+  const clock = FakeTimers.install({ now: NOW0, toFake: ['setTimeout', 'clearTimeout', 'setInterval', 'clearInterval', 'Date', 'performance'] });
+  const uninstallProcesses = installProcesses();
+  /** True time: what the invariants and the trace measure (Date.now() is a host's own clock). */
+  const at = () => clock.now - NOW0;
   const keep = opts.traceLines ?? 80;
   const trace: string[] = [];
   const hits: string[] = [];
@@ -57,15 +69,15 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
   const log = (line: string) => {
     if (opts.watch?.test(line)) hits.push(line);
     if (!outsideTable && line.includes('state transition outside the table')) outsideTable = line;
-    trace.push(`${((Date.now() - NOW0) / 1000).toFixed(3)} ${line}`); if (trace.length > keep * 4) trace.splice(0, trace.length - keep);
+    trace.push(`${(at() / 1000).toFixed(3)} ${line}`); if (trace.length > keep * 4) trace.splice(0, trace.length - keep);
   };
   try {
     const rng = new Prng(seed);
     const net = new Net(rng);
     const witness = new SimWitness();
     const hosts: Record<'A' | 'B', SimHost> = {
-      A: { id: 'A', files: new Map(), writeFails: false, qemu: null, console: [], fencerControl: null, fencerPulse: null },
-      B: { id: 'B', files: new Map(), writeFails: false, qemu: null, console: [], fencerControl: null, fencerPulse: null },
+      A: { id: 'A', files: new Map(), writeFails: false, qemu: null, console: [], fencerControl: null, fencerPulse: null, clockOffsetMs: 0 },
+      B: { id: 'B', files: new Map(), writeFails: false, qemu: null, console: [], fencerControl: null, fencerPulse: null, clockOffsetMs: 0 },
     };
     const disk = { A: { counter: 0 }, B: { counter: 0 } };
     const agents: Record<'A' | 'B', SimAgent | null> = { A: null, B: null };
@@ -77,15 +89,17 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
     const w: SimWorldPorts = { net, witness, hosts, agents, qemuEnv, log };
     let gen = 0;
     const fencers: Record<'A' | 'B', SimFencer | null> = { A: null, B: null };
-    const startAgent = (h: 'A' | 'B') => {
+    const startAgent = (h: 'A' | 'B') => outside(() => {
       if (agents[h]?.alive || !net.hostUp[h]) return;
       if (!fencers[h]?.alive) fencers[h] = new SimFencer(hosts[h], w);
       const a = new SimAgent(hosts[h], w, ++gen);
       agents[h] = a;
       log(`agent ${h} starts`);
       // systemd (Restart=on-failure, RestartSec=2) starts an agent that failed to start again.
-      void a.start().catch((e) => { log(`agent ${h} start failed: ${String(e)}`); a.crash(); setTimeout(() => startAgent(h), 2000); });
-    };
+      void a.start().catch((e) => { log(`agent ${h} start failed: ${String(e)}`); a.crash(); outside(() => setTimeout(() => startAgent(h), 2000)); });
+    });
+    /** The processes a hang fault stopped (the agent may have been replaced meanwhile). */
+    const hung: Record<'A' | 'B', SimProcess[]> = { A: [], B: [] };
     const crashHost = (h: 'A' | 'B') => { agents[h]?.crash(); fencers[h]?.stop(); hosts[h].fencerPulse = null; hosts[h].qemu?.die(); net.hostUp[h] = false; log(`host ${h} down`); };
 
     // ---------------------------------------------------------------- faults
@@ -124,9 +138,12 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
           break;
         }
         case 'takeover-fails-A': case 'takeover-fails-B': { const q = hosts[hostOf(f)].qemu; if (q) q.failTakeover = true; break; }
+        case 'agent-hang-A': case 'agent-hang-B': { const a = agents[hostOf(f)]; if (a?.alive) { a.proc.stop(); hung[hostOf(f)].push(a.proc); } break; }
+        case 'clock-step-A': case 'clock-step-B': hosts[hostOf(f)].clockOffsetMs += clockStepMs(f); break;
         default: break;
       }
     };
+    const contAll = (h: 'A' | 'B') => { for (const p of hung[h].splice(0)) p.cont(); };
     const revert = (f: Fault) => {
       log(`HEAL ${f.kind}`);
       for (const [a, b, n, one] of cutsOf(f)) net.heal(a, b, n, one);
@@ -139,6 +156,8 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
         case 'dup-reorder': net.dupProb = 0; net.jitterMs = 0; break;
         case 'write-fail-A': case 'write-fail-B': hosts[hostOf(f)].writeFails = false; break;
         case 'qemu-wedge-A': case 'qemu-wedge-B': for (const h of ['A', 'B'] as const) { const q = hosts[h].qemu; if (q) q.wedged = false; } break;
+        case 'agent-hang-A': case 'agent-hang-B': contAll(hostOf(f)); break;
+        case 'clock-step-A': case 'clock-step-B': hosts[hostOf(f)].clockOffsetMs -= clockStepMs(f); break;
         default: break;
       }
     };
@@ -150,7 +169,7 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
       log('HEAL ALL');
       net.healAll();
       witness.up = true; witness.slowMs = 0;
-      for (const h of ['A', 'B'] as const) { net.hostUp[h] = true; hosts[h].writeFails = false; if (hosts[h].qemu) hosts[h].qemu!.wedged = false; startAgent(h); }
+      for (const h of ['A', 'B'] as const) { net.hostUp[h] = true; hosts[h].writeFails = false; hosts[h].clockOffsetMs = 0; contAll(h); if (hosts[h].qemu) hosts[h].qemu!.wedged = false; startAgent(h); }
     }, HEAL_AT_MS);
 
     // ---------------------------------------------------------------- client
@@ -164,7 +183,7 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
 
     // ---------------------------------------------------------------- invariants
     let violation: Violation | null = null;
-    const fail = (invariant: Invariant, detail: string) => { if (!violation) violation = { invariant, atMs: Date.now() - NOW0, detail }; };
+    const fail = (invariant: Invariant, detail: string) => { if (!violation) violation = { invariant, atMs: at(), detail }; };
     const wasServing = new Set<number>();
     const epochs = { A: { epoch: 0, primaryEpoch: 0 }, B: { epoch: 0, primaryEpoch: 0 } };
     const stored = { A: { epoch: 0, primaryEpoch: 0 }, B: { epoch: 0, primaryEpoch: 0 } };
@@ -174,7 +193,7 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
     const pausedSince: Record<'A' | 'B', number | null> = { A: null, B: null };
     const pausedHeard: Record<'A' | 'B', number | null> = { A: null, B: null };
     const check = () => {
-      const now = Date.now() - NOW0;
+      const now = at();
       const serving: SimQemu[] = [];
       for (const h of ['A', 'B'] as const) {
         const q = hosts[h].qemu;
@@ -245,6 +264,7 @@ export async function runSchedule(seed: number, faults: Fault[] = scheduleFor(se
     for (const h of ['A', 'B'] as const) { agents[h]?.crash(); fencers[h]?.stop(); }
     return { seed, faults, violation, trace: trace.slice(-keep), events, acked, hits };
   } finally {
+    uninstallProcesses();
     clock.uninstall();
   }
 }
