@@ -147,7 +147,7 @@ function filledRegistry(): Metrics {
   m.checkpoint('web1', 40);
   m.failover('web1', 'primary-lost');
   m.resync('web1', 4096);
-  m.drill('web1', 'pass', 300);
+  m.drill('web1', 'pass', 300, Date.now());
   return m;
 }
 

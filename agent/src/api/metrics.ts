@@ -23,6 +23,8 @@ export class Metrics {
   private readonly resyncBytes: Counter<'vm'>;
   private readonly drills: Counter<'vm' | 'result'>;
   private readonly drillFailover: Gauge<'vm'>;
+  private readonly drillLast: Gauge<'vm' | 'result'>;
+  private readonly drillLastAt = new Map<string, number>();
   readonly heartbeatRejected: Counter;
   private snapshot: () => GaugeSnapshot = () => ({ peerUp: false, heartbeatRejected: 0, heartbeatStale: 0, paths: [], witnessUp: null, vms: [] });
 
@@ -35,6 +37,9 @@ export class Metrics {
     this.resyncBytes = new Counter({ name: 'ftkvm_resync_bytes_total', help: 'Disk bytes copied to a new secondary', labelNames: ['vm'], registers: r });
     this.drills = new Counter({ name: 'ftkvm_drills_total', help: 'Failover drills run through this node, by result', labelNames: ['vm', 'result'], registers: r });
     this.drillFailover = new Gauge({ name: 'ftkvm_drill_last_failover_seconds', help: 'Failover time measured by the last drill', labelNames: ['vm'], registers: r });
+    // A time, not a counter: "no passing drill for N days" must survive agent restarts (it is
+    // restored from the saved reports at start) and is alerted on across both nodes of a pair.
+    this.drillLast = new Gauge({ name: 'ftkvm_drill_last_timestamp_seconds', help: 'Unix time at which the last drill run through this node finished, by result (restored from the saved reports at start)', labelNames: ['vm', 'result'], registers: r });
     const self = this;
     // Counted by the heartbeat service; read at scrape time.
     this.heartbeatRejected = new Counter({ name: 'ftkvm_heartbeat_rejected_total', help: 'Heartbeat datagrams rejected (bad HMAC, wrong sender or protocol version, garbage)', registers: r,
@@ -65,9 +70,17 @@ export class Metrics {
   checkpoint(vm: string, pauseMs: number): void { this.checkpoints.inc({ vm }); this.pause.observe({ vm }, pauseMs / 1000); }
   failover(vm: string, reason: FailoverReason): void { this.failovers.inc({ vm, reason }); }
   resync(vm: string, bytes: number): void { if (bytes > 0) this.resyncBytes.inc({ vm }, bytes); }
-  drill(vm: string, result: 'pass' | 'fail', failoverMs: number | null): void {
+  drill(vm: string, result: 'pass' | 'fail', failoverMs: number | null, finishedAtMs: number): void {
     this.drills.inc({ vm, result });
     if (failoverMs !== null) this.drillFailover.set({ vm }, failoverMs / 1000);
+    this.drillSeen(vm, result, finishedAtMs);
+  }
+  /** A drill that finished at this time (a saved report read at start, or one just run): the newest counts. */
+  drillSeen(vm: string, result: 'pass' | 'fail', finishedAtMs: number): void {
+    const key = `${vm}\0${result}`;
+    if ((this.drillLastAt.get(key) ?? -Infinity) >= finishedAtMs) return;
+    this.drillLastAt.set(key, finishedAtMs);
+    this.drillLast.set({ vm, result }, Math.round(finishedAtMs / 1000));
   }
   text(): Promise<string> { return this.registry.metrics(); }
   get contentType(): string { return this.registry.contentType; }

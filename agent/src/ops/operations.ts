@@ -2,6 +2,7 @@
 // crash would (SIGKILL; this node's agent then tells the secondary to take over at once), let
 // the secondary take over, and wait until protection is rebuilt onto the old primary. A drill
 // also watches the guest through a TCP probe and ends with a pass/fail report.
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/schema.ts';
 import type { Logger } from '../log/logger.ts';
@@ -67,7 +68,25 @@ export class OperationRegistry {
   private readonly ops = new Map<string, OperationReport>();
   private seq = 0;
 
-  constructor(d: OperationDeps) { this.d = d; }
+  constructor(d: OperationDeps) {
+    this.d = d;
+    this.restoreDrillTimes();
+  }
+
+  /** The time of the last drill per VM and result, from the reports saved by earlier runs (metrics). */
+  private restoreDrillTimes(): void {
+    const dir = join(this.d.config.state_dir, 'drills');
+    let names: string[];
+    try { names = readdirSync(dir).filter((n) => n.endsWith('.json')); } catch { return; } // none yet
+    let unreadable = 0;
+    for (const n of names) {
+      try {
+        const r = JSON.parse(readFileSync(join(dir, n), 'utf8')) as Partial<OperationReport>;
+        if (r.kind === 'drill' && typeof r.vm === 'string' && (r.verdict === 'pass' || r.verdict === 'fail') && typeof r.finishedAt === 'number') this.d.metrics.drillSeen(r.vm, r.verdict, r.finishedAt);
+      } catch { unreadable++; }
+    }
+    if (unreadable) this.d.log.warn('some saved drill reports could not be read; the last-drill metric ignores them', { dir, unreadable });
+  }
 
   get(id: string): OperationReport | undefined { return this.ops.get(id); }
   list(kind?: OperationKind): OperationReport[] { return [...this.ops.values()].filter((o) => !kind || o.kind === kind).reverse(); }
@@ -236,7 +255,7 @@ export class OperationRegistry {
     r.finishedAt = this.d.now();
     r.phase = 'done';
     this.note(r, `${r.verdict.toUpperCase()}${reasons.length ? ': ' + reasons.join('; ') : ''}${r.failover.ms !== null ? ` (failover ${r.failover.ms} ms)` : ''}`);
-    if (r.kind === 'drill') this.d.metrics.drill(r.vm, r.verdict, r.failover.ms);
+    if (r.kind === 'drill') this.d.metrics.drill(r.vm, r.verdict, r.failover.ms, r.finishedAt);
     try {
       writeFileAtomic(join(this.d.config.state_dir, 'drills', `${r.id}.json`), JSON.stringify(r, null, 2) + '\n', 0o644);
     } catch (e) {
