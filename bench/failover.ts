@@ -13,9 +13,9 @@
 // repeated values; let protection rebuild. Also: checkpoint pauses (p50/p99, from the agents)
 // and guest throughput protected ÷ unprotected for a memory-dirtying guest loop.
 import { parseArgs } from 'node:util';
-import { AgentPair, other, waitUntil, type H } from '../test/helpers/pair.ts';
-import { SerialWatcher, TxnClient } from '../test/helpers/traffic.ts';
-import { sweepStaleTestbeds } from '../test/helpers/netns.ts';
+import { AgentPair, other, waitUntil, type H } from '../lab/pair.ts';
+import { SerialWatcher, TxnClient } from '../lab/traffic.ts';
+import { sweepStaleTestbeds } from '../lab/netns.ts';
 
 const { values } = parseArgs({ options: {
   mode: { type: 'string', default: 'witness' },

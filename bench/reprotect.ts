@@ -14,8 +14,8 @@
 // the same tc rate limit) → ratio = measured ÷ (bytes ÷ link rate).
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
-import { AgentPair, other, waitUntil, type H } from '../test/helpers/pair.ts';
-import { sweepStaleTestbeds } from '../test/helpers/netns.ts';
+import { AgentPair, other, waitUntil, type H } from '../lab/pair.ts';
+import { sweepStaleTestbeds } from '../lab/netns.ts';
 
 const { values } = parseArgs({ options: {
   disks: { type: 'string', default: '64,1024,8192' }, mems: { type: 'string', default: '128,1024,4096' },

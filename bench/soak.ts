@@ -24,9 +24,9 @@ import { connect } from 'node:net';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cpSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { AgentPair, other, waitUntil, type H } from '../test/helpers/pair.ts';
-import { TxnClient } from '../test/helpers/traffic.ts';
-import { sweepStaleTestbeds } from '../test/helpers/netns.ts';
+import { AgentPair, other, waitUntil, type H } from '../lab/pair.ts';
+import { TxnClient } from '../lab/traffic.ts';
+import { sweepStaleTestbeds } from '../lab/netns.ts';
 
 type Kind = 'crash' | 'host' | 'switchover' | 'drill';
 const { values } = parseArgs({ options: {

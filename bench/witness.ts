@@ -19,7 +19,7 @@ import { tmpdir, cpus } from 'node:os';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import { Agent, request } from 'undici';
-import { EtcdCluster } from '../test/helpers/etcd.ts';
+import { EtcdCluster } from '../lab/etcd.ts';
 import { etcdLeader, etcdTransport } from '../agent/src/witness/etcd.ts';
 
 const { values } = parseArgs({ options: {

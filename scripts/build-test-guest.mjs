@@ -5,7 +5,7 @@
 //
 // Guest = Debian's cloud kernel + a busybox initramfs holding the virtio modules of the SAME
 // kernel package (modules of another build do not load: virtio_blk silently missing), the
-// guest /init from test/guest/. Everything comes from Debian packages. Outputs live in the
+// guest /init from lab/guest/. Everything comes from Debian packages. Outputs live in the
 // cache (FTKVM_CACHE, default ~/.cache/ftkvm), keyed by a hash of every input, so a second
 // run is instant and any input change (kernel update, init script edit) rebuilds.
 import { $, fs, path, os, argv } from 'zx';
@@ -17,7 +17,7 @@ const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const cache = process.env.FTKVM_CACHE || path.join(os.homedir(), '.cache', 'ftkvm');
 const MODULES = ['virtio_ring', 'virtio', 'virtio_pci_legacy_dev', 'virtio_pci_modern_dev', 'virtio_pci',
   'failover', 'net_failover', 'virtio_net', 'virtio_blk'];
-const GUEST_FILES = { 'init': 'test/guest/init.sh', 'bin/txn-handler': 'test/guest/txn-handler.sh', 'bin/dirty-loop': 'test/guest/dirty-loop.sh' };
+const GUEST_FILES = { 'init': 'lab/guest/init.sh', 'bin/txn-handler': 'lab/guest/txn-handler.sh', 'bin/dirty-loop': 'lab/guest/dirty-loop.sh' };
 const BUILDER_REVISION = 1; // bump when the layout below changes
 const log = (m) => { if (!argv.json) console.error(`[guest] ${m}`); };
 

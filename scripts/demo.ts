@@ -3,9 +3,9 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { AGENT_BIN, ROOT, testGuest } from '../test/helpers/guest.ts';
-import { SHIM_IN_HOST, writeLabInventory } from '../test/helpers/lab-inventory.ts';
-import { NspawnLab, type LabHost, type PlaybookRun } from '../test/helpers/nspawn.ts';
+import { AGENT_BIN, ROOT, testGuest } from '../lab/guest.ts';
+import { SHIM_IN_HOST, writeLabInventory } from '../lab/lab-inventory.ts';
+import { NspawnLab, type LabHost, type PlaybookRun } from '../lab/nspawn.ts';
 
 const INDEX = Number(process.env.FTKVM_DEMO_INDEX ?? 90);
 const VM = 'demo';

@@ -5,8 +5,8 @@ import { mkdtempSync, writeFileSync, closeSync, openSync, readFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
-import { AGENT_BIN, testGuest } from './guest.ts';
-import { TOKEN, waitUntil } from './pair.ts';
+import { AGENT_BIN, testGuest } from '../../lab/guest.ts';
+import { TOKEN, waitUntil } from '../../lab/pair.ts';
 import { request } from 'undici';
 
 export interface LoneAgent { dir: string; base: string; proc: ChildProcess; config: string; log: () => string; stop(): Promise<void> }

@@ -3,7 +3,7 @@
 import { join } from 'node:path';
 import { QmpClient } from '../../agent/src/qmp/client.ts';
 import { unixSocketConnector } from '../../agent/src/qmp/transport.ts';
-import type { AgentPair, H } from './pair.ts';
+import type { AgentPair, H } from '../../lab/pair.ts';
 
 export interface Sample { at: number; A: string; B: string }
 

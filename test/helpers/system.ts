@@ -1,9 +1,9 @@
 // Shared scaffolding for system tests: a fresh pair per test, logs attached on failure.
 import type { ExecutionContext } from 'ava';
 import { readFileSync } from 'node:fs';
-import { AgentPair, type PairOptions } from './pair.ts';
-import { sweepStaleTestbeds } from './netns.ts';
-import { openObservers } from './traffic.ts';
+import { AgentPair, type PairOptions } from '../../lab/pair.ts';
+import { sweepStaleTestbeds } from '../../lab/netns.ts';
+import { openObservers } from '../../lab/traffic.ts';
 
 let swept = false;
 

@@ -8,9 +8,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
 import { withPair, sleep, firstGap } from '../helpers/system.ts';
-import { waitUntil, TOKEN } from '../helpers/pair.ts';
-import { SerialWatcher, TxnClient } from '../helpers/traffic.ts';
-import { AGENT_BIN, ROOT, testGuest } from '../helpers/guest.ts';
+import { waitUntil, TOKEN } from '../../lab/pair.ts';
+import { SerialWatcher, TxnClient } from '../../lab/traffic.ts';
+import { AGENT_BIN, ROOT, testGuest } from '../../lab/guest.ts';
 import type { StatusReport } from '../../agent/src/agent.ts';
 
 const run = promisify(execFile);

@@ -1,6 +1,6 @@
 // The Ansible appliance against real hosts: two systemd-nspawn containers (Debian 12 with
 // systemd, sshd, NetworkManager, firewalld) + a witness container, each in its own network
-// namespace (test/helpers/nspawn.ts). site.yml + protect.yml bring up a real COLO-protected test
+// namespace (lab/nspawn.ts). site.yml + protect.yml bring up a real COLO-protected test
 // guest under TCG; then idempotence, health.yml, the agent restart that must not stop the guest,
 // drill.yml, check mode, and the bond profiles the network role writes without activating them.
 // The steps share one lab and run in order; the lab is removed at the end, even on failure.
@@ -12,9 +12,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import { parse } from 'yaml';
-import { AGENT_BIN, ROOT, testGuest } from '../helpers/guest.ts';
-import { writeLabInventory, SHIM_IN_HOST } from '../helpers/lab-inventory.ts';
-import { NspawnLab, type PlaybookRun } from '../helpers/nspawn.ts';
+import { AGENT_BIN, ROOT, testGuest } from '../../lab/guest.ts';
+import { writeLabInventory, SHIM_IN_HOST } from '../../lab/lab-inventory.ts';
+import { NspawnLab, type PlaybookRun } from '../../lab/nspawn.ts';
 
 const INDEX = Number(process.env.FTKVM_NSPAWN_INDEX ?? 0);
 const VM = 'lab1';

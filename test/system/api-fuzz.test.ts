@@ -3,7 +3,7 @@
 import test from 'ava';
 import { connect } from 'node:net';
 import { startLoneAgent } from '../helpers/lone-agent.ts';
-import { TOKEN } from '../helpers/pair.ts';
+import { TOKEN } from '../../lab/pair.ts';
 
 function rng(seed: number) {
   return () => { seed |= 0; seed = (seed + 0x6d2b79f5) | 0; let t = Math.imul(seed ^ (seed >>> 15), 1 | seed); t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t; return ((t ^ (t >>> 14)) >>> 0) / 4294967296; };

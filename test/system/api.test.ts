@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { connect } from 'node:net';
 import { request } from 'undici';
 import { startLoneAgent, insecureDispatcher, type LoneAgent } from '../helpers/lone-agent.ts';
-import { TOKEN, waitUntil } from '../helpers/pair.ts';
+import { TOKEN, waitUntil } from '../../lab/pair.ts';
 
 let a: LoneAgent;
 test.before(async () => { a = await startLoneAgent({ vms: true }); });

@@ -2,8 +2,8 @@
 // TCG, the real guest, hosts as network namespaces, failures by SIGKILL and nft.
 import test from 'ava';
 import { withPair, sleep, firstGap } from '../helpers/system.ts';
-import { waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
-import { SerialWatcher, TxnClient } from '../helpers/traffic.ts';
+import { waitUntil, type AgentPair, type H } from '../../lab/pair.ts';
+import { SerialWatcher, TxnClient } from '../../lab/traffic.ts';
 
 async function lastCheckpointAt(p: AgentPair, h: H, vm: string): Promise<number> {
   return (await p.vmStatus(h, vm))!.checkpoints.lastAt!;

@@ -4,7 +4,7 @@
 import test from 'ava';
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
-import { ROOT } from '../helpers/guest.ts';
+import { ROOT } from '../../lab/guest.ts';
 
 const INDEX = 91; // not the demo's default (90): a user's own demo on this machine is left alone
 const env = { ...process.env, FTKVM_DEMO_INDEX: String(INDEX), NO_COLOR: '1' };

@@ -2,7 +2,7 @@
 // re-protected; forwarded from the secondary; refused while not protected; concurrency limit.
 import test from 'ava';
 import { withPair } from '../helpers/system.ts';
-import { waitUntil } from '../helpers/pair.ts';
+import { waitUntil } from '../../lab/pair.ts';
 import type { OperationReport } from '../../agent/src/ops/operations.ts';
 
 test('drills: pass with the guest probe kept, run from either host, refused when unprotected or over the limit', async (t) => {

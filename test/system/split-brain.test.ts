@@ -4,9 +4,9 @@
 // VM is protected again.
 import test, { type ExecutionContext } from 'ava';
 import { withPair, sleep } from '../helpers/system.ts';
-import { TOKEN, waitUntil, witnessToken, type AgentPair, type H } from '../helpers/pair.ts';
+import { TOKEN, waitUntil, witnessToken, type AgentPair, type H } from '../../lab/pair.ts';
 import { PrimaryWatch } from '../helpers/primary-watch.ts';
-import { TxnClient } from '../helpers/traffic.ts';
+import { TxnClient } from '../../lab/traffic.ts';
 import { readFileSync } from 'node:fs';
 import { procStateLetter } from '../../agent/src/qemu/process.ts';
 import { join } from 'node:path';

@@ -2,8 +2,8 @@
 // switchover, agent restarts that never touch the guest, and a resync failing midway.
 import test from 'ava';
 import { withPair, sleep, firstGap } from '../helpers/system.ts';
-import { other, waitUntil, type AgentPair, type H } from '../helpers/pair.ts';
-import { SerialWatcher, TxnClient } from '../helpers/traffic.ts';
+import { other, waitUntil, type AgentPair, type H } from '../../lab/pair.ts';
+import { SerialWatcher, TxnClient } from '../../lab/traffic.ts';
 import type { OperationReport } from '../../agent/src/ops/operations.ts';
 import { vmPorts } from '../../agent/src/colo/ports.ts';
 import { execFile } from 'node:child_process';

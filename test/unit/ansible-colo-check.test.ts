@@ -4,7 +4,7 @@
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { ROOT } from '../helpers/guest.ts';
+import { ROOT } from '../../lab/guest.ts';
 
 function check(binary: string) {
   const r = spawnSync('ansible-playbook', ['-i', 'localhost,', 'test/testbed/colo-check.yml', '-e', `ftkvm_qemu_binary=${binary}`, '-e', 'ftkvm_accelerator=tcg',

@@ -8,8 +8,8 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { EtcdCluster } from '../helpers/etcd.ts';
-import { ROOT } from '../helpers/guest.ts';
+import { EtcdCluster } from '../../lab/etcd.ts';
+import { ROOT } from '../../lab/guest.ts';
 import { etcdTransport } from '../../agent/src/witness/etcd.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'ftkvm-etcd-auth-'));

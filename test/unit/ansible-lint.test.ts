@@ -4,7 +4,7 @@ import test from 'ava';
 import { spawnSync } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { ROOT } from '../helpers/guest.ts';
+import { ROOT } from '../../lab/guest.ts';
 
 const env = { ...process.env, ANSIBLE_FORCE_COLOR: '0', ANSIBLE_NOCOLOR: '1', NO_COLOR: '1', ANSIBLE_CONFIG: join(ROOT, 'ansible.cfg') };
 const strip = (s: string) => s.replace(/\x1b\[[0-9;]*m/g, '').replace(/\x1b\]8;[^\x1b]*\x1b\\/g, '');

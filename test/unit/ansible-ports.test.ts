@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parse } from 'yaml';
 import { DEFAULT_API_PORT, DEFAULT_HEARTBEAT_PORT, DEFAULT_WITNESS_PORT, PEER_FACING_VM_PORTS, VM_PORT_OFFSETS } from '../../agent/src/colo/ports.ts';
-import { ROOT } from '../helpers/guest.ts';
+import { ROOT } from '../../lab/guest.ts';
 
 const yml = (p: string) => parse(readFileSync(join(ROOT, p), 'utf8')) as Record<string, unknown>;
 

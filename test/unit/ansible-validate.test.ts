@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parse, stringify } from 'yaml';
-import { AGENT_BIN, ROOT } from '../helpers/guest.ts';
+import { AGENT_BIN, ROOT } from '../../lab/guest.ts';
 
 interface Inv { hosts: Record<string, Record<string, unknown>>; pairVars?: Record<string, unknown>; allVars?: Record<string, unknown>; witness?: boolean; etcd?: string[] }
 

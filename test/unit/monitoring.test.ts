@@ -11,7 +11,7 @@ import { request } from 'undici';
 import { parse, stringify } from 'yaml';
 import { Metrics } from '../../agent/src/api/metrics.ts';
 import { TRANSITIONS } from '../../agent/src/colo/states.ts';
-import { ROOT } from '../helpers/guest.ts';
+import { ROOT } from '../../lab/guest.ts';
 import { startLoneAgent, type LoneAgent } from '../helpers/lone-agent.ts';
 
 const RULES = join(ROOT, 'monitoring/ftkvm-alerts.yml');

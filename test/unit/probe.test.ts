@@ -2,7 +2,7 @@ import test from 'ava';
 import { evaluateCapabilities, explainProbe, probeQemu, QemuNotColoCapableError } from '../../agent/src/qemu/probe.ts';
 import { memoryLogger } from '../../agent/src/log/logger.ts';
 import { join } from 'node:path';
-import { ROOT } from '../helpers/guest.ts';
+import { ROOT } from '../../lab/guest.ts';
 
 const FULL = {
   binary: '/usr/bin/qemu-system-x86_64',

@@ -1,10 +1,10 @@
-// The witness protocol on a real etcd (test/helpers/etcd.ts): the lease rules of lease.ts, races
+// The witness protocol on a real etcd (lab/etcd.ts): the lease rules of lease.ts, races
 // decided by etcd transactions, per-pair scope enforced by etcd users, and a 3-member cluster
 // that loses its leader (no lease lapses) or its quorum (leases lapse, nobody is granted one).
 import test from 'ava';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { EtcdCluster } from '../helpers/etcd.ts';
+import { EtcdCluster } from '../../lab/etcd.ts';
 import { etcdLeader, etcdTransport, type EtcdSettings } from '../../agent/src/witness/etcd.ts';
 import { WitnessGate } from '../../agent/src/witness/client.ts';
 import { memoryLogger } from '../../agent/src/log/logger.ts';

@@ -6,15 +6,15 @@ import { execFile, execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { request } from 'undici';
 import { stringify } from 'yaml';
-import { sha256 } from '../../agent/src/witness/credentials.ts';
+import { sha256 } from '../agent/src/witness/credentials.ts';
 import { EtcdCluster } from './etcd.ts';
 import { NetnsTestbed } from './netns.ts';
 import { AGENT_BIN, parseSerial, testGuest } from './guest.ts';
 import { TxnClient } from './traffic.ts';
-import type { StatusReport, HealthReport } from '../../agent/src/agent.ts';
-import type { VmStatus } from '../../agent/src/colo/vm.ts';
-import { QmpClient } from '../../agent/src/qmp/client.ts';
-import { unixSocketConnector } from '../../agent/src/qmp/transport.ts';
+import type { StatusReport, HealthReport } from '../agent/src/agent.ts';
+import type { VmStatus } from '../agent/src/colo/vm.ts';
+import { QmpClient } from '../agent/src/qmp/client.ts';
+import { unixSocketConnector } from '../agent/src/qmp/transport.ts';
 
 export type H = 'A' | 'B';
 /** QEMU arguments that make the TCG shim see each dirty-bitmap sync and RAM-cache flush. */

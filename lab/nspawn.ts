@@ -1,6 +1,6 @@
 // Test hosts for the Ansible roles: systemd-nspawn containers booted with systemd (sshd,
 // NetworkManager, journald), each in its own network namespace, rootfs = overlay of one cached
-// Debian bookworm image (test/testbed/build-rootfs.sh) + a per-host upper dir.
+// Debian bookworm image (lab/build-rootfs.sh) + a per-host upper dir.
 //
 //   root ns (the test = Ansible controller)
 //     fk<i>c 10.231.<i>.1 ─────┐                      ┌──── fk<i>l 10.233.<i>.1 (guest LAN client)
@@ -29,7 +29,7 @@ export interface PlaybookRun { code: number; output: string; recap: Record<strin
 
 /** Builds (once) or reuses the cached rootfs; returns its directory. */
 export async function ensureRootfs(): Promise<string> {
-  const { stdout } = await run('bash', [join(ROOT, 'test/testbed/build-rootfs.sh')], { maxBuffer: 64 << 20, env: { ...process.env, FTKVM_CACHE: CACHE } });
+  const { stdout } = await run('bash', [join(ROOT, 'lab/build-rootfs.sh')], { maxBuffer: 64 << 20, env: { ...process.env, FTKVM_CACHE: CACHE } });
   const dir = stdout.trim().split('\n').pop()!;
   if (!existsSync(join(dir, 'etc/os-release'))) throw new Error(`rootfs build did not produce ${dir}`);
   return dir;
@@ -160,7 +160,7 @@ export class NspawnLab {
 
   private boot(h: LabHost): void {
     const log = openSync(join(this.hostDir(h), 'console.log'), 'a');
-    const p = spawn('bash', [join(ROOT, 'test/testbed/run-nspawn.sh'), `${this.prefix}${h}`, this.machine(h), this.name[h], this.rootOf(h), this.ns(h)],
+    const p = spawn('bash', [join(ROOT, 'lab/run-nspawn.sh'), `${this.prefix}${h}`, this.machine(h), this.name[h], this.rootOf(h), this.ns(h)],
       { detached: true, stdio: ['ignore', log, log] });
     closeSync(log);
     p.unref();

@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 export const AGENT_BIN = join(ROOT, 'dist', 'ftkvm-agent');
 
 export interface GuestManifest { kernel: string; initrd: string; append: string; tcgShim: string; kernelPackage: string; kernelVersion: string }
