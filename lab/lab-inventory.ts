@@ -6,7 +6,6 @@ import type { NspawnLab } from './nspawn.ts';
 
 /** Test-only: QEMU under TCG needs the shim (test/tcg-shim) and the trace events it hooks. */
 export const SHIM_IN_HOST = '/usr/local/lib/ftkvm-test/colo-tcg-bql-fix.so';
-export const TRACE_ARGS = ['-trace', 'enable=migration_bitmap_sync_end', '-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'];
 
 export interface LabVm {
   name: string;
@@ -49,9 +48,7 @@ ftkvm_agent_binary_src: ${o.agentBinary}
   const pairs = `---
 # lab: software emulation, and QEMU's COLO under TCG needs the test-only shim (tests only)
 ftkvm_accelerator: tcg
-ftkvm_qemu_environment:
-  LD_PRELOAD: ${SHIM_IN_HOST}
-ftkvm_qemu_extra_args: ${JSON.stringify(TRACE_ARGS)}
+ftkvm_qemu_tcg_lab_shim: ${SHIM_IN_HOST}
 # nspawn hosts: only net.* sysctls are writable (the role sets only net.bridge.*)
 ftkvm_sysctl_apply: true
 # this kernel has no bonding driver: the pair runs over plain interfaces

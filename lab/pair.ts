@@ -18,7 +18,6 @@ import { unixSocketConnector } from '../agent/src/qmp/transport.ts';
 
 export type H = 'A' | 'B';
 /** QEMU arguments that make the TCG shim see each dirty-bitmap sync and RAM-cache flush. */
-export const TCG_SHIM_TRACE_ARGS = ['-trace', 'enable=migration_bitmap_sync_end', '-trace', 'enable=colo_flush_ram_cache_end,file=/dev/null'];
 export const other = (h: H): H => (h === 'A' ? 'B' : 'A');
 export const TOKEN = 'test-token-0123456789abcdef';
 export const HEARTBEAT_KEY = 'lab-pair-heartbeat-key-0123456789';
@@ -107,9 +106,8 @@ export class AgentPair {
         heartbeat: { key_file: join(d, 'heartbeat.key'), ...this.o.heartbeat },
         api: { listen: `${this.tb.addr[h].mgmt}:7480`, token_file: join(d, 'token') },
         qemu: {
-          accelerator: 'tcg', env: { LD_PRELOAD: g.tcgShim },
-          // test-only: the trace events the TCG shim hooks (see test/tcg-shim)
-          extra_args: TCG_SHIM_TRACE_ARGS,
+          // test-only lab mode: the TCG COLO shim and the trace events it hooks (agent/src/qemu/lab.ts)
+          accelerator: 'tcg', tcg_lab_shim: g.tcgShim,
         },
         state_dir: this.stateDir(h),
         colo: { checkpoint_delay_ms: this.o.checkpointDelayMs ?? 2000, startup_peer_wait_ms: this.o.startupPeerWaitMs ?? 3000, resync_retry_min_ms: 1000, ...this.o.colo },

@@ -1,6 +1,6 @@
 // The agent: wires configuration, QEMU probe, durable state, heartbeats, the promotion gate,
 // one controller per VM and the HTTP API. All I/O comes in through `AgentDeps`.
-import { readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { createServer as createHttpServer, type Server } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { Config } from './config/schema.ts';
@@ -18,6 +18,7 @@ import { StateStore } from './state/store.ts';
 import type { Clock } from './util/clock.ts';
 import type { Exec } from './util/exec.ts';
 import { FtkvmError, errorMessage } from './util/errors.ts';
+import { TCG_SHIM_TRACE_ARGS, qemuEnv } from './qemu/lab.ts';
 import { TwoNodeGate, type PromotionGate, type WitnessStatus } from './colo/gate.ts';
 import { WitnessGate } from './witness/client.ts';
 import { etcdSettings, etcdTransport } from './witness/etcd.ts';
@@ -91,7 +92,11 @@ export class Agent {
     // Separate secrets where configured: the pair's heartbeat key, this node's witness token.
     const heartbeatKey = c.heartbeat.key_file ? readSecret(c.heartbeat.key_file) : this.token;
     const witnessToken = c.witness.token_file ? readSecret(c.witness.token_file) : null;
-    this.probe = await probeQemu(c.qemu.binary, c.qemu.accelerator, c.qemu.env, this.log);
+    if (c.qemu.tcg_lab_shim) {
+      if (!existsSync(c.qemu.tcg_lab_shim)) throw new FtkvmError('TCG_LAB_SHIM_MISSING', `qemu.tcg_lab_shim: ${c.qemu.tcg_lab_shim} does not exist (build it from test/tcg-shim, or remove the option)`);
+      this.log.warn('TEST-ONLY lab mode: QEMU runs under TCG with the COLO shim preloaded and its trace events enabled (qemu.tcg_lab_shim); never use it in production', { shim: c.qemu.tcg_lab_shim, traceArgs: TCG_SHIM_TRACE_ARGS.join(' ') });
+    }
+    this.probe = await probeQemu(c.qemu.binary, c.qemu.accelerator, qemuEnv(c.qemu), this.log);
     if (this.probe.problems.length > 0) throw new QemuNotColoCapableError(this.probe);
     this.store = new StateStore(c.state_dir, c.node.name);
     this.gate = this.d.makeGate ? this.d.makeGate(c, this.log.child('witness'))

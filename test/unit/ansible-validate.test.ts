@@ -104,13 +104,14 @@ test('VM files, preferred_primary and QEMU settings reach agent.yaml and pass ch
   const v = JSON.parse(JSON.stringify(vm('web', 9000)).replaceAll('/DIR', dir));
   const r = await render({
     hosts: pair(), witness: false,
-    pairVars: { ftkvm_vms: [v], ftkvm_two_node_mode: true, ftkvm_accelerator: 'tcg', ftkvm_qemu_environment: { LD_PRELOAD: '/x.so' }, ftkvm_qemu_extra_args: ['-trace', 'enable=x'] },
+    pairVars: { ftkvm_vms: [v], ftkvm_two_node_mode: true, ftkvm_accelerator: 'tcg', ftkvm_qemu_environment: { X: '1' }, ftkvm_qemu_extra_args: ['-trace', 'enable=x'], ftkvm_qemu_tcg_lab_shim: '/usr/local/lib/ftkvm-test/shim.so' },
   });
   try {
     t.is(r.code, 0, r.out);
     const b = parse(readFileSync(join(r.dir, 'hostB.yaml'), 'utf8')) as Record<string, any>;
     t.deepEqual(b.witness, { two_node_mode: true });
-    t.deepEqual(b.qemu.env, { LD_PRELOAD: '/x.so' });
+    t.deepEqual(b.qemu.env, { X: '1' });
+    t.is(b.qemu.tcg_lab_shim, '/usr/local/lib/ftkvm-test/shim.so');
     t.deepEqual(b.qemu.extra_args, ['-trace', 'enable=x']);
     t.is(b.vms[0].preferred_primary, 'hostA');
     t.deepEqual(b.vms[0].disk, { path: join(dir, 'disk.qcow2'), format: 'qcow2' });
@@ -134,6 +135,8 @@ const refusals: [string, Inv, RegExp][] = [
     /duplicate VM name \(also ftkvm_vms\[0\]\).*duplicate MAC address 52:54:00:00:00:28/s],
   ['preferred_primary outside the pair', { hosts: pair(), pairVars: { ftkvm_vms: [vm('a', 9000, { preferred_primary: 'hostZ' })] } },
     /ftkvm_vms\[0\] \(a\)\.preferred_primary must name a host of the pair \(hostA or hostB\), got "hostZ"/],
+  ['the TCG lab shim with KVM', { hosts: pair(), pairVars: { ftkvm_qemu_tcg_lab_shim: '/usr/local/lib/shim.so' } },
+    /ftkvm_qemu_tcg_lab_shim is for TCG labs only: set ftkvm_accelerator: tcg/],
   ['no witness and no explicit two-node mode', { hosts: pair(), witness: false },
     /no witness: add a host to the ftkvm_witness group, or set ftkvm_witness_url, or \(no split-brain protection\) set ftkvm_two_node_mode: true/],
 ];

@@ -66,6 +66,8 @@ const cases: [string, (s: string) => string, string[]][] = [
   ['peer name equals node name', (s) => s.replace('name: hostB', 'name: hostA'), ['/etc/ftkvm/agent.yaml:5:9: peer.name: must differ from node.name ("hostA")']],
   ['bad api listen address', (s) => s + 'api:\n  listen: "localhost:80"\n', ['/etc/ftkvm/agent.yaml:20:11: api.listen: expected ADDRESS:PORT with an IP address (e.g. 0.0.0.0:7480 or [::]:7480), got "localhost:80"']],
   ['accelerator not kvm|tcg', (s) => s + 'qemu:\n  accelerator: hvf\n', ['/etc/ftkvm/agent.yaml:20:16: qemu.accelerator: expected one of kvm | tcg, got "hvf"']],
+  ['the TCG lab shim with KVM', (s) => s + 'qemu:\n  tcg_lab_shim: /usr/local/lib/shim.so\n', ['/etc/ftkvm/agent.yaml:20:17: qemu.tcg_lab_shim: the COLO shim is for TCG labs only: set qemu.accelerator: tcg, or remove qemu.tcg_lab_shim (production uses KVM)']],
+  ['the TCG lab shim and an LD_PRELOAD of its own', (s) => s + 'qemu:\n  accelerator: tcg\n  tcg_lab_shim: /usr/local/lib/shim.so\n  env: {LD_PRELOAD: /x.so}\n', ['/etc/ftkvm/agent.yaml:22:21: qemu.env.LD_PRELOAD: qemu.tcg_lab_shim sets LD_PRELOAD itself: remove it from qemu.env']],
   ['missing disk image', (s) => s.replace('/var/lib/ftkvm/images/web1.qcow2', '/var/lib/ftkvm/images/nope.qcow2'), ['/etc/ftkvm/agent.yaml:14:19: vms[0].disk.path: image file not found: /var/lib/ftkvm/images/nope.qcow2']],
   ['missing kernel', (s) => s.replace('kernel: /boot/vmlinuz', 'kernel: /boot/missing'), ['/etc/ftkvm/agent.yaml:15:21: vms[0].boot.kernel: file not found: /boot/missing']],
   ['relative path', (s) => s.replace('path: /var/lib/ftkvm/images/web1.qcow2', 'path: images/web1.qcow2'), ['/etc/ftkvm/agent.yaml:14:19: vms[0].disk.path: must be an absolute path: "images/web1.qcow2"']],

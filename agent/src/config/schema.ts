@@ -106,7 +106,13 @@ export const configSchema = z.object({
     machine: z.string().regex(/^[a-z0-9.-]+$/).default('pc'),
     env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'environment variable names only'), z.string()).default({}),
     extra_args: z.array(z.string()).default([]),
-  }).strict().default({}),
+    // TEST-ONLY lab mode (qemu/lab.ts): the TCG COLO shim preloaded and the trace events it hooks.
+    tcg_lab_shim: absPath.optional(),
+  }).strict().superRefine((q, ctx) => {
+    if (!q.tcg_lab_shim) return;
+    if (q.accelerator !== 'tcg') ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['tcg_lab_shim'], message: 'the COLO shim is for TCG labs only: set qemu.accelerator: tcg, or remove qemu.tcg_lab_shim (production uses KVM)' });
+    if (q.env.LD_PRELOAD !== undefined) ctx.addIssue({ code: z.ZodIssueCode.custom, path: ['env', 'LD_PRELOAD'], message: 'qemu.tcg_lab_shim sets LD_PRELOAD itself: remove it from qemu.env' });
+  }).default({}),
   state_dir: absPath.default('/var/lib/ftkvm'),
   colo: z.object({
     checkpoint_delay_ms: ms(100, 60_000).default(2000),

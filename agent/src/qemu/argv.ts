@@ -5,6 +5,7 @@ import type { Config, VmConfig } from '../config/schema.ts';
 import { tapName } from '../config/load.ts';
 import { vmPorts } from '../colo/ports.ts';
 import type { VmPaths } from './paths.ts';
+import { qemuExtraArgs } from './lab.ts';
 
 export type LaunchRole = 'primary' | 'secondary';
 
@@ -62,6 +63,6 @@ export function buildQemuArgv(c: Config, vm: VmConfig, paths: VmPaths, spec: Lau
     a.push('-device', 'virtio-blk-pci,id=disk0,drive=colo-disk0');
     a.push('-incoming', 'defer');
   }
-  a.push(...c.qemu.extra_args);
+  a.push(...qemuExtraArgs(c.qemu));
   return a;
 }

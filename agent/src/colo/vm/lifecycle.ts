@@ -4,6 +4,7 @@ import { tapName } from '../../config/load.ts';
 import { buildQemuArgv, type LaunchRole } from '../../qemu/argv.ts';
 import type { ExitInfo, QemuProcess } from '../../qemu/process.ts';
 import { pinBridgeMac, plugTap } from '../../qemu/tap.ts';
+import { qemuEnv } from '../../qemu/lab.ts';
 import { eventTimeMs, type QmpEvent } from '../../qmp/client.ts';
 import { FtkvmError, errorMessage } from '../../util/errors.ts';
 import * as seq from '../sequences.ts';
@@ -106,7 +107,7 @@ export function onQemuExit(c: VmCore, h: QemuProcess, info: ExitInfo): void {
 export async function launch(c: VmCore, role: LaunchRole, paused: boolean): Promise<QemuProcess> {
   const argv = buildQemuArgv(c.d.config, c.d.vm, c.paths, { role, paused }, c.d.features);
   const h = await c.procs.launch({
-    binary: c.d.config.qemu.binary, argv, env: c.d.config.qemu.env, role, paths: c.paths, log: c.log,
+    binary: c.d.config.qemu.binary, argv, env: qemuEnv(c.d.config.qemu), role, paths: c.paths, log: c.log,
   });
   attach(c, h, paused || role === 'secondary' ? 'paused' : 'running');
   try {
