@@ -54,6 +54,7 @@ test('primary host lost: the secondary takes over, the TCP connection and every 
     t.is(st.role, 'standalone');
     t.is(st.epoch, 2);
     t.is(st.lastFailover?.kind, 'takeover');
+    t.deepEqual(st.lastTakeover, st.lastFailover, 'the takeover is also the last takeover');
     const failoverMs = ticksB[0]!.at - killedAt;
     const txnGapMs = after.ackAt - before.ackAt;
     t.log(`failover: first guest tick on B ${failoverMs} ms after SIGKILL; transaction gap ${txnGapMs} ms; ` +

@@ -82,6 +82,20 @@ test('core: a fenced VM is never shown as running by an action that began before
   t.is(c.state, 'fenced');
 });
 
+test('core: the last takeover stays visible after a later dropped replica (status and drill reports read it)', (t) => {
+  const { c, q } = core();
+  attach(c, q.connect(false), 'running');
+  const rec = (kind: 'takeover' | 'secondary-dropped' | 'restart-from-disk', at: number) => ({ at, kind, reason: kind, durationMs: 900, detectionMs: 600, sequenceMs: 300 });
+  c.recordFailover(rec('takeover', 1000));
+  c.recordFailover(rec('secondary-dropped', 2000));
+  const s = c.status();
+  t.is(s.lastFailover?.kind, 'secondary-dropped', 'the latest event of any kind');
+  t.is(s.lastTakeover?.kind, 'takeover');
+  t.is(s.lastTakeover?.at, 1000);
+  c.recordFailover(rec('restart-from-disk', 3000));
+  t.is(c.status().lastTakeover?.kind, 'restart-from-disk', 'a degraded restart is a takeover too');
+});
+
 test('secondary: release is refused while asking the witness, when running the VM, or from a stale primary', async (t) => {
   const { c, q, store } = core();
   store.update(c.name, { epoch: 5, primaryEpoch: 0, role: 'secondary' });

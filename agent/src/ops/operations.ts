@@ -236,9 +236,11 @@ export class OperationRegistry {
     try {
       const ps = await this.d.peer.call<{ vms: VmStatus[] }>('GET', '/v1/status', undefined, 3000);
       const pvs = ps.vms.find((x) => x.name === r.vm);
-      if (pvs?.lastFailover) { r.failover.detectionMs = pvs.lastFailover.detectionMs; r.failover.sequenceMs = pvs.lastFailover.sequenceMs; }
-      if (pvs?.lastFailover?.kind === 'restart-from-disk' && pvs.lastFailover.at >= killedAt) {
-        reasons.push(`degraded failover on ${c.peer.name}: the replica was not resumed (${pvs.lastFailover.reason}); the guest was restarted from the replicated disk`);
+      // The peer's takeover, not whatever it did after (a replica dropped since would hide it).
+      const tk = pvs?.lastTakeover;
+      if (tk) { r.failover.detectionMs = tk.detectionMs; r.failover.sequenceMs = tk.sequenceMs; }
+      if (tk?.kind === 'restart-from-disk' && tk.at >= killedAt) {
+        reasons.push(`degraded failover on ${c.peer.name}: the replica was not resumed (${tk.reason}); the guest was restarted from the replicated disk`);
       }
       r.checkpoints.after = { primary: pvs?.checkpoints.count ?? null, secondary: v.status().checkpoints.count };
     } catch (e) {

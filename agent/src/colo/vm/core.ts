@@ -28,6 +28,7 @@ export class VmCore {
   runState = 'absent';
   readonly ckpt: CheckpointTracker;
   lastFailover: FailoverRecord | null = null;
+  lastTakeover: FailoverRecord | null = null;
   resync: ResyncProgress | null = null;
   busy = false;
   /** Actions running (normally 0 or 1; a demote may overlap the action it interrupts). */
@@ -166,6 +167,12 @@ export class VmCore {
   }
 
   /** What the lease fencer must keep for this VM: a primary's epoch and its QEMU (fence/fencer.ts). */
+  /** A failover happened: the latest of any kind, and the latest takeover kept apart. */
+  recordFailover(r: FailoverRecord): void {
+    this.lastFailover = r;
+    if (r.kind !== 'secondary-dropped') this.lastTakeover = r;
+  }
+
   /** Since the last checkpoint of this protection period (or since it began), monotonic. */
   msSinceCheckpoint(): number {
     return this.d.clock.mono() - Math.max(this.ckpt.lastMono ?? -Infinity, this.stateSinceMono);
@@ -197,6 +204,7 @@ export class VmCore {
       checkpoints: this.ckpt.snapshot(this.d.clock.mono()),
       resync: this.resync,
       lastFailover: this.lastFailover,
+      lastTakeover: this.lastTakeover,
       lastProtectError: this.lastProtectError,
       sick: this.sick,
       brokenDevices: this.brokenDevices,

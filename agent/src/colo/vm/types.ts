@@ -80,7 +80,10 @@ export interface VmStatus {
   qemu: { pid: number; runState: string; uptimeS: number; reattached: boolean } | null;
   checkpoints: CheckpointSnapshot;
   resync: ResyncProgress | null;
+  /** The latest failover event of any kind, a dropped replica included. */
   lastFailover: FailoverRecord | null;
+  /** The latest takeover (or degraded restart from disk) by this node: a replica dropped later does not hide it. */
+  lastTakeover: FailoverRecord | null;
   lastProtectError: string | null;
   sick: string | null;
   /** virtio devices QEMU reports broken here (a primary: the guest cannot use them until it resets them). */

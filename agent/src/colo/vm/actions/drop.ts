@@ -58,7 +58,7 @@ export async function dropSecondary(c: VmCore, why: string, peerDead: boolean): 
   const seqMs = c.d.clock.mono() - t0;
   const reason: FailoverReason = /stall/.test(why) ? 'checkpoint-stall' : /storm/.test(why) ? 'checkpoint-storm' : /sick|not trusted/.test(why) ? 'secondary-sick' : 'secondary-lost';
   c.d.metrics.failover(c.name, reason);
-  c.lastFailover = { at: c.d.clock.now(), kind: 'secondary-dropped', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };
+  c.recordFailover({ at: c.d.clock.now(), kind: 'secondary-dropped', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) });
   c.nextProtectAt = c.d.clock.mono() + c.d.config.colo.resync_retry_min_ms;
   c.setState('standalone', `running unprotected: ${why}`);
 }

@@ -54,7 +54,7 @@ export async function takeover(c: VmCore, why: string, opts: { fromDisk?: boolea
   await seq.announce(q).catch((e) => c.log.warn('announce-self failed', { error: errorMessage(e) }));
   c.d.metrics.failover(c.name, requested ? 'requested' : /QEMU is gone/.test(why) ? 'primary-qemu-gone' : 'primary-lost');
   const detection = requested ? null : lastHeard;
-  c.lastFailover = { at: c.d.clock.now(), kind: 'takeover', reason: why, sequenceMs: seqMs, detectionMs: detection, durationMs: seqMs + (detection ?? 0) };
+  c.recordFailover({ at: c.d.clock.now(), kind: 'takeover', reason: why, sequenceMs: seqMs, detectionMs: detection, durationMs: seqMs + (detection ?? 0) });
   const settle = c.d.config.colo.reprotect_delay_ms;
   c.log.info('took over as primary', { epoch: g.epoch, sequenceMs: seqMs, detectionMs: detection, reprotectInMs: settle, why });
   // Clients first: re-protection's first checkpoint pauses the guest (colo.reprotect_delay_ms).
@@ -77,5 +77,5 @@ export async function restartFromDisk(c: VmCore, why: string, t0: number, lastHe
   await coldStart(c, `degraded failover, guest restarted from the replicated disk: ${why}`);
   const seqMs = c.d.clock.mono() - t0;
   c.d.metrics.failover(c.name, 'degraded-restart');
-  c.lastFailover = { at: c.d.clock.now(), kind: 'restart-from-disk', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) };
+  c.recordFailover({ at: c.d.clock.now(), kind: 'restart-from-disk', reason: why, sequenceMs: seqMs, detectionMs: lastHeard, durationMs: seqMs + (lastHeard ?? 0) });
 }
