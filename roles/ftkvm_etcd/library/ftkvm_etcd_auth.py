@@ -62,6 +62,26 @@ options:
 author: ftkvm
 """
 
+EXAMPLES = r"""
+- name: Users and roles of the lease store, authentication on
+  ftkvm.ftkvm.ftkvm_etcd_auth:
+    endpoint: https://10.0.30.5:2379
+    ca_file: /etc/ftkvm/tls/ca.pem
+    cert_file: /etc/ftkvm/tls/node.pem
+    key_file: /etc/ftkvm/tls/node.key
+    prefix: /ftkvm
+    root_password: "{{ etcd_root_password }}"
+    nodes:
+      - {name: kvm-a1, pair: prod1, password: "{{ etcd_password_kvm_a1 }}"}
+      - {name: kvm-a2, pair: prod1, password: "{{ etcd_password_kvm_a2 }}"}
+  run_once: true
+  register: etcd_auth
+
+- name: Report what changed
+  ansible.builtin.debug:
+    msg: "{{ etcd_auth.actions }}"
+"""
+
 RETURN = r"""
 actions:
   description: What was (or in check mode would be) done, in order.

@@ -34,9 +34,27 @@ options:
 author: ftkvm
 '''
 
+EXAMPLES = r'''
+- name: Ask QEMU over QMP whether it can run COLO
+  ftkvm.ftkvm.ftkvm_qemu_colo_probe:
+    binary: /usr/libexec/qemu-kvm
+  register: colo
+
+- name: Require a COLO-capable QEMU
+  ansible.builtin.assert:
+    that: colo.colo_capable
+    fail_msg: "QEMU {{ colo.version }} cannot run COLO: {{ colo.problems | join('; ') }}"
+
+- name: Probe without KVM (a nested or CI machine)
+  ftkvm.ftkvm.ftkvm_qemu_colo_probe:
+    binary: /usr/bin/qemu-system-x86_64
+    accelerator: tcg
+    timeout: 120
+'''
+
 RETURN = r'''
 colo_capable:
-  description: True when nothing COLO needs is missing.
+  description: True when nothing COLO needs is missing and the version has no known COLO regression (C(problems) is empty).
   type: bool
   returned: always
 missing:
@@ -44,8 +62,22 @@ missing:
   type: list
   elements: str
   returned: always
+problems:
+  description: The entries of C(missing), plus a known COLO regression of this QEMU version if it has one.
+  type: list
+  elements: str
+  returned: always
 version:
-  description: QEMU version (major.minor.micro) and package string.
+  description: QEMU version (major.minor.micro).
+  type: str
+  returned: always
+  sample: 7.2.22
+package:
+  description: QEMU's package string (query-version), e.g. the distribution's package version.
+  type: str
+  returned: always
+binary:
+  description: The binary that was probed.
   type: str
   returned: always
 '''
