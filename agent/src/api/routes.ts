@@ -3,13 +3,20 @@
 import type { Agent } from '../agent.ts';
 import { roleOf } from '../colo/states.ts';
 import { OperationRefused, type OperationKind } from '../ops/operations.ts';
-import { field, HttpError, intField, type Ctx, type Reply, type Route } from './http.ts';
+import { z } from 'zod/v4';
+import { bodyField, HttpError, parseBody, type Ctx, type Reply, type Route } from './http.ts';
 import { MAX_EPOCH } from '../witness/lease.ts';
 
 const FORWARDED = 'x-ftkvm-forwarded';
 
 /** A peer RPC's epoch: a safe integer within bounds, or the request is refused (400) before it acts. */
-const epochField = (b: unknown, required: boolean): number | undefined => intField(b, 'epoch', 1, MAX_EPOCH, required);
+const epoch = bodyField.int(1, MAX_EPOCH);
+// The peer RPCs' bodies; a bad one is answered 400 naming the first bad field in this order.
+const PrepareBody = z.object({
+  epoch, sizeBytes: bodyField.number(), primary: bodyField.string(), protection: bodyField.string().optional(),
+});
+const ReleaseBody = z.object({ reason: bodyField.string().optional(), epoch: epoch.optional() });
+const TakeoverBody = ReleaseBody;
 
 function vmOr404(agent: Agent, name: string) {
   const v = agent.vm(name);
@@ -72,13 +79,8 @@ export function buildRoutes(agent: Agent): Route[] {
       method: 'POST', path: '/v1/peer/vms/:name/prepare', access: 'write',
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
-        const b = await ctx.body();
-        await v.prepareSecondary({
-          epoch: epochField(b, true)!,
-          sizeBytes: field<number>(b, 'sizeBytes', 'number', true)!,
-          primary: field<string>(b, 'primary', 'string', true)!,
-          protection: field<string>(b, 'protection', 'string', false),
-        });
+        const b = parseBody(PrepareBody, await ctx.body());
+        await v.prepareSecondary({ epoch: b.epoch, sizeBytes: b.sizeBytes, primary: b.primary, protection: b.protection });
         return { json: { ready: true } };
       },
     },
@@ -86,8 +88,8 @@ export function buildRoutes(agent: Agent): Route[] {
       method: 'POST', path: '/v1/peer/vms/:name/release', access: 'write',
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
-        const b = await ctx.body();
-        await v.release(field<string>(b, 'reason', 'string', false) ?? 'no reason given', epochField(b, false));
+        const b = parseBody(ReleaseBody, await ctx.body());
+        await v.release(b.reason ?? 'no reason given', b.epoch);
         return { json: { released: true } };
       },
     },
@@ -95,8 +97,8 @@ export function buildRoutes(agent: Agent): Route[] {
       method: 'POST', path: '/v1/peer/vms/:name/takeover', access: 'write',
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
-        const b = await ctx.body();
-        v.requestTakeover(field<string>(b, 'reason', 'string', false) ?? 'requested by peer', epochField(b, false));
+        const b = parseBody(TakeoverBody, await ctx.body());
+        v.requestTakeover(b.reason ?? 'requested by peer', b.epoch);
         return { status: 202, json: { accepted: true } };
       },
     },

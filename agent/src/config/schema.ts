@@ -3,6 +3,7 @@
 import { isIP } from 'node:net';
 import { z } from 'zod';
 import { DEFAULT_API_PORT, DEFAULT_HEARTBEAT_PORT, VM_PORT_SPAN } from '../colo/ports.ts';
+import { cidrError, parseCidr } from '../util/cidr.ts';
 
 const ip = z.string().refine((s) => isIP(s) !== 0, (s) => ({ message: `not an IP address: "${s}"` }));
 const port = z.number().int().min(1).max(65535);
@@ -12,7 +13,7 @@ const nodeName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'must be 
 const ifName = z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'must be a Linux interface name (1-15 characters)');
 const hostPort = z.string().refine((s) => parseHostPort(s) !== null,
   (s) => ({ message: `expected ADDRESS:PORT with an IP address (e.g. 0.0.0.0:${DEFAULT_API_PORT} or [::]:${DEFAULT_API_PORT}), got "${s}"` }));
-const cidr = z.string().refine((s) => parseCidr(s) !== null, (s) => ({ message: `expected an IP or CIDR (e.g. 10.0.0.0/24), got "${s}"` }));
+const cidr = z.string().refine((s) => parseCidr(s) !== null, (s) => ({ message: cidrError(s) }));
 
 export function parseHostPort(s: string): { host: string; port: number } | null {
   const m = /^\[([^\]]+)\]:(\d+)$/.exec(s) ?? /^([^:]+):(\d+)$/.exec(s);
@@ -20,17 +21,6 @@ export function parseHostPort(s: string): { host: string; port: number } | null 
   const host = m[1]!, p = Number(m[2]);
   if (isIP(host) === 0 || !Number.isInteger(p) || p < 1 || p > 65535) return null;
   return { host, port: p };
-}
-
-export function parseCidr(s: string): { addr: string; bits: number } | null {
-  const [addr, b] = s.split('/');
-  if (!addr) return null;
-  const fam = isIP(addr);
-  if (fam === 0) return null;
-  const max = fam === 4 ? 32 : 128;
-  const bits = b === undefined ? max : Number(b);
-  if (!Number.isInteger(bits) || bits < 0 || bits > max) return null;
-  return { addr, bits };
 }
 
 const vm = z.object({
