@@ -2,7 +2,7 @@
 // with real agents, real QEMU (TCG), the real guest and the embedded witness, against the
 // line-rate bound of the same replication link measured in the same run.
 //   sudo bench/reprotect [--disks 64,1024,8192] [--mems 128,1024,4096] [--disk-fill 0.25]
-//                        [--mem-fill 0.5] [--link-mbit 1000] [--rounds 1]
+//                        [--mem-fill 0.5] [--link-mbit 1000] [--rounds 1] [--resync full|checksum]
 // Sweeps disk sizes (with 256 MiB of RAM) and RAM sizes (with a 64 MiB disk). Per size: a raw
 // sparse disk with --disk-fill of it random data (as a guest would have written it) and a guest
 // that fills --mem-fill of its RAM with non-zero data; once protected, the primary's QEMU is
@@ -11,7 +11,9 @@
 // agent's own "in sync after" figure, which excludes colo.reprotect_delay_ms), bytes the new
 // primary sent on the replication link, the guest's pause at the first checkpoint, and the
 // line-rate bound (a plain TCP stream between the two hosts' replication addresses, through
-// the same tc rate limit) → ratio = measured ÷ (bytes ÷ link rate).
+// the same tc rate limit) → ratio = measured ÷ (bytes ÷ link rate). --resync checksum: the
+// returning host's disk is digested and only differing chunks cross the link (colo.resync);
+// the guest keeps writing its counters, so a few chunks differ after each failover.
 import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { AgentPair, other, waitUntil, type H } from '../lab/pair.ts';
@@ -21,10 +23,12 @@ const { values } = parseArgs({ options: {
   disks: { type: 'string', default: '64,1024,8192' }, mems: { type: 'string', default: '128,1024,4096' },
   'disk-fill': { type: 'string', default: '0.25' }, 'mem-fill': { type: 'string', default: '0.5' },
   'link-mbit': { type: 'string', default: '1000' }, rounds: { type: 'string', default: '1' },
+  resync: { type: 'string', default: 'full' },
 } });
 const num = (s: string) => s.split(',').filter(Boolean).map(Number);
 const diskFill = Number(values['disk-fill']), memFill = Number(values['mem-fill']);
 const linkMbit = Number(values['link-mbit']), rounds = Number(values.rounds);
+const resync = values.resync === 'checksum' ? 'checksum' : 'full';
 const log = (m: string) => console.log(`[${new Date().toISOString().slice(11, 19)}] ${m}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const VM = 'rp';
@@ -60,7 +64,7 @@ async function one(diskMib: number, memMib: number): Promise<Row[]> {
   // The guest's kernel and initramfs need ~90 MiB: a fuller tmpfs panics it (seen at 128 MiB).
   const filled = Math.round(diskMib * diskFill), memFilled = Math.max(0, Math.min(Math.round(memMib * memFill), memMib - 96));
   const p = new AgentPair(43, {
-    witness: true, leaseMs: 1000, startupPeerWaitMs: 1000, sparseDisk: { sizeMib: diskMib, filledMib: filled },
+    witness: true, leaseMs: 1000, startupPeerWaitMs: 1000, sparseDisk: { sizeMib: diskMib, filledMib: filled }, colo: { resync },
     vms: [{ name: VM, guestIp: 10, basePort: 19000, memoryMib: memMib, extraAppend: memFilled > 0 ? `ftkvm.fill_mib=${memFilled}` : undefined }],
   });
   const rows: Row[] = [];
@@ -92,7 +96,7 @@ async function one(diskMib: number, memMib: number): Promise<Row[]> {
       const reprotectS = (Date.now() - tTakeover) / 1000;
       const bytes = (await txBytes(p, next)) - tx0;
       const lines = readFileSync(p.agentLog(next), 'utf8').split('\n').filter((l) => /in sync after/.test(l));
-      const m = /in sync after ([0-9.]+) s \(guest paused (\d+) ms/.exec(lines.at(-1) ?? '');
+      const m = /in sync after ([0-9.]+) s \(.*guest paused (\d+) ms/.exec(lines.at(-1) ?? '');
       const syncS = m ? Number(m[1]) : null, pauseMs = m ? Number(m[2]) : null;
       const boundS = bytes / link;
       const row = { diskMib, memMib, round: r, reprotectS, syncS, pauseMs, bytes, linkMBps: link / 1e6, boundS, ratio: (syncS ?? reprotectS) / boundS };
@@ -112,7 +116,7 @@ const t0 = Date.now();
 for (const d of num(values.disks!)) all.push(...await one(d, 256));
 for (const m of num(values.mems!)) all.push(...await one(64, m));
 console.log(`\nbench/reprotect (${new Date().toISOString().slice(0, 10)}, QEMU 7.2 TCG, 2 cores, both hosts on one machine, replication link tc-limited to ${linkMbit} Mbit/s, ` +
-  `full copy (drive-mirror) + first COLO checkpoint, embedded witness, ${((Date.now() - t0) / 60000).toFixed(1)} min)`);
+  `${resync === 'full' ? 'full copy (drive-mirror)' : 'checksum resync (digests, differing chunks, then the writes since)'} + first COLO checkpoint, embedded witness, ${((Date.now() - t0) / 60000).toFixed(1)} min)`);
 console.log('| disk MiB (written) | RAM MiB (filled) | re-protected after takeover s | resync + first checkpoint s | guest paused ms | MiB sent | link MB/s | line-rate bound s | ratio |');
 console.log('|---|---|---|---|---|---|---|---|---|');
 for (const r of all) {

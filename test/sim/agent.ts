@@ -56,7 +56,8 @@ export function simConfig(h: 'A' | 'B'): Config {
     peer: { name: NODE[p], addresses: [ADDR[p].repl, ADDR[p].mgmt], replication_address: ADDR[p].repl },
     heartbeat: { interval_ms: 100, timeout_ms: 500 },
     state_dir: `/sim/${h}`,
-    colo: { checkpoint_delay_ms: 1000, startup_peer_wait_ms: 3000, resync_retry_min_ms: 1000, resync_retry_max_ms: 8000 },
+    // The disk model is a counter: a full copy (the checksum resync's QMP and NBD steps are not modelled).
+    colo: { checkpoint_delay_ms: 1000, startup_peer_wait_ms: 3000, resync_retry_min_ms: 1000, resync_retry_max_ms: 8000, resync: 'full' },
     witness: { url: `http://${ADDR.W.mgmt}:7490`, lease_ms: 1000 },
     vms: [{
       name: VM, memory_mib: 128, vcpus: 1, disk: { path: `/sim/${h}/vm1.qcow2` }, boot: { firmware: 'bios' },
@@ -239,8 +240,7 @@ export class SimAgent {
   private async route(path: string, body: unknown): Promise<unknown> {
     const b = (body ?? {}) as Record<string, unknown>;
     if (path.endsWith('/prepare')) {
-      await this.vm.prepareSecondary({ epoch: b.epoch as number, sizeBytes: b.sizeBytes as number, primary: b.primary as string, protection: b.protection as string | undefined });
-      return { ready: true };
+      return this.vm.prepareSecondary({ epoch: b.epoch as number, sizeBytes: b.sizeBytes as number, primary: b.primary as string, protection: b.protection as string | undefined });
     }
     if (path.endsWith('/release')) { await this.vm.release(String(b.reason ?? ''), b.epoch as number | undefined); return { released: true }; }
     if (path.endsWith('/takeover')) { this.vm.requestTakeover(String(b.reason ?? ''), b.epoch as number | undefined); return { accepted: true }; }

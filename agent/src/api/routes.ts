@@ -14,6 +14,8 @@ const epoch = bodyField.int(1, MAX_EPOCH);
 // The peer RPCs' bodies; a bad one is answered 400 naming the first bad field in this order.
 const PrepareBody = z.object({
   epoch, sizeBytes: bodyField.number(), primary: bodyField.string(), protection: bodyField.string().optional(),
+  // checksum resync: the chunk size to digest this host's disk in (64 KiB .. 4 MiB, a power of two)
+  checksumChunkBytes: bodyField.int(65536, 4 * 1024 * 1024).refine((n) => (n & (n - 1)) === 0, 'a power of two').optional(),
 });
 const ReleaseBody = z.object({ reason: bodyField.string().optional(), epoch: epoch.optional() });
 const TakeoverBody = ReleaseBody;
@@ -80,8 +82,7 @@ export function buildRoutes(agent: Agent): Route[] {
       handler: async (ctx) => {
         const v = vmOr404(agent, ctx.params.name!);
         const b = parseBody(PrepareBody, await ctx.body());
-        await v.prepareSecondary({ epoch: b.epoch, sizeBytes: b.sizeBytes, primary: b.primary, protection: b.protection });
-        return { json: { ready: true } };
+        return { json: await v.prepareSecondary({ epoch: b.epoch, sizeBytes: b.sizeBytes, primary: b.primary, protection: b.protection, checksumChunkBytes: b.checksumChunkBytes }) };
       },
     },
     {

@@ -45,7 +45,7 @@ async function hmpChecked(q: QmpLike, cmd: string): Promise<void> {
 async function ignoreMissing(f: () => Promise<unknown>): Promise<void> {
   try { await f(); } catch (e) {
     // Cleanup is idempotent: an object that is already gone is fine.
-    if (e instanceof QmpCommandError && /not found|No such|does not exist|Cannot find|not a child/i.test(e.desc)) return;
+    if (e instanceof QmpCommandError && /not found|No such|does not exist|Cannot find|not a child|not running/i.test(e.desc)) return;
     throw e;
   }
 }
@@ -120,13 +120,18 @@ export async function primaryMirror(q: QmpLike, a: PrimaryAddrs, onProgress: (p:
   }
 }
 
+/** Ends the resync job (a mirror, or a checksum resync's backup), whatever state it is in. */
 export async function cancelMirror(q: QmpLike, timeoutMs = 10_000): Promise<void> {
-  if (!(await blockJob(q, 'resync'))) return;
-  await ignoreMissing(() => q.execute('block-job-cancel', { device: 'resync' }));
+  let job = await blockJob(q, 'resync');
+  if (!job) return;
+  if (job.status !== 'concluded') await ignoreMissing(() => q.execute('block-job-cancel', { device: 'resync' }));
   const t0 = performance.now();
-  while (await blockJob(q, 'resync')) {
-    if (performance.now() - t0 > timeoutMs) throw new ColoSequenceError('block-job-cancel', `resync job still present after ${timeoutMs} ms`);
-    await sleep(20);
+  while (job) {
+    // A job started with auto-dismiss false (the backup) stays 'concluded' until dismissed.
+    if (job.status === 'concluded') await ignoreMissing(() => q.execute('block-job-dismiss', { id: 'resync' }));
+    else if (performance.now() - t0 > timeoutMs) throw new ColoSequenceError('block-job-cancel', `resync job still present after ${timeoutMs} ms`);
+    else await sleep(20);
+    job = await blockJob(q, 'resync');
   }
 }
 
@@ -248,4 +253,79 @@ export async function primaryDropSecondary(q: QmpLike, opts: { inColo: boolean }
   for (const id of ['mirror0', 'compare1', 'compare0-0', 'compare0', 'compare_out0', 'compare_out']) {
     if (existing.has(id)) await step(`chardev-remove ${id}`, () => ignoreMissing(() => q.execute('chardev-remove', { id })));
   }
+}
+
+// ---------------------------------------------------------------- checksum resync (primary)
+// Instead of drive-mirror sync=full: a dirty bitmap on colo-disk0 records every write from
+// before the scan on; the agent digests the disk through a read-only NBD export of colo-disk0
+// (unix socket) and copies the chunks whose digests differ from the secondary's; then
+// blockdev-backup sync=bitmap copies what the guest wrote meanwhile (point in time, guest
+// running), and once more with the guest paused right before COLO starts. QEMU 7.2's mirror
+// has no bitmap mode (block/mirror.c rejects sync=bitmap); backup does.
+
+export const RESYNC_BITMAP = 'ftkvm-resync';
+export const RESYNC_TARGET = 'ftkvm-resync-tgt';
+export const SCAN_EXPORT = 'ftkvm-scan';
+
+/** Starts recording writes, then exports colo-disk0 read-only on a unix socket for the scan. */
+export async function checksumScanStart(q: QmpLike, socketPath: string): Promise<void> {
+  await checksumCleanup(q);
+  await step('block-dirty-bitmap-add', () => q.execute('block-dirty-bitmap-add', { node: 'colo-disk0', name: RESYNC_BITMAP, granularity: 65536 }));
+  await step('scan nbd-server-start', () => q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socketPath } } }));
+  await step('scan nbd-server-add', () => q.execute('nbd-server-add', { device: 'colo-disk0', name: SCAN_EXPORT, writable: false }));
+}
+
+/** The scan is over: its export and server go (the bitmap stays). */
+export async function checksumScanStop(q: QmpLike): Promise<void> {
+  await step('scan nbd-server-remove', () => ignoreMissing(() => q.execute('nbd-server-remove', { name: SCAN_EXPORT, mode: 'hard' })));
+  await step('scan nbd-server-stop', () => ignoreMissing(() => q.execute('nbd-server-stop')));
+}
+
+async function dirtyBytes(q: QmpLike): Promise<number> {
+  type Bm = { name?: string; count: number };
+  const blk = await q.execute<{ device: string; 'dirty-bitmaps'?: Bm[]; inserted?: { 'dirty-bitmaps'?: Bm[] } }[]>('query-block');
+  const d = blk.find((b) => b.device === 'colo-disk0');
+  const bm = [...(d?.inserted?.['dirty-bitmaps'] ?? []), ...(d?.['dirty-bitmaps'] ?? [])].find((b) => b.name === RESYNC_BITMAP);
+  if (!bm) throw new ColoSequenceError('query dirty bitmap', `bitmap ${RESYNC_BITMAP} not found on colo-disk0`);
+  return bm.count;
+}
+
+/**
+ * Copies every chunk the bitmap marks to the secondary's disk (blockdev-backup sync=bitmap,
+ * bitmap-mode on-success: afterwards the bitmap holds exactly what was written during the
+ * copy). Returns the bytes copied and the bytes dirty again after it.
+ */
+export async function backupDelta(q: QmpLike, a: PrimaryAddrs, timeoutMs: number): Promise<{ copiedBytes: number; dirtyAfter: number }> {
+  const copied = await dirtyBytes(q);
+  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
+  if (!nodes.some((n) => n['node-name'] === RESYNC_TARGET)) {
+    await step('blockdev-add resync target', () => q.execute('blockdev-add', {
+      driver: 'nbd', 'node-name': RESYNC_TARGET, server: { type: 'inet', host: a.peer, port: String(a.ports.nbd) }, export: 'parent0',
+    }));
+  }
+  await step('blockdev-backup', () => q.execute('blockdev-backup', {
+    'job-id': 'resync', device: 'colo-disk0', target: RESYNC_TARGET, sync: 'bitmap', bitmap: RESYNC_BITMAP, 'bitmap-mode': 'on-success', 'auto-dismiss': false,
+  }));
+  const t0 = performance.now();
+  for (;;) {
+    const job = (await q.execute<{ device: string; status: string; error?: string }[]>('query-block-jobs')).find((j) => j.device === 'resync');
+    if (!job) throw new ColoSequenceError('blockdev-backup', 'the backup job vanished');
+    if (job.status === 'concluded') {
+      await step('block-job-dismiss', () => q.execute('block-job-dismiss', { id: 'resync' }));
+      if (job.error) throw new ColoSequenceError('blockdev-backup', job.error);
+      break;
+    }
+    if (performance.now() - t0 > timeoutMs) throw new ColoSequenceError('blockdev-backup', `not done after ${timeoutMs} ms`);
+    await sleep(20);
+  }
+  return { copiedBytes: copied, dirtyAfter: await dirtyBytes(q) };
+}
+
+/** Removes whatever a checksum resync left: job, scan export, target node, bitmap. Idempotent. */
+export async function checksumCleanup(q: QmpLike): Promise<void> {
+  await cancelMirror(q);
+  await checksumScanStop(q);
+  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
+  if (nodes.some((n) => n['node-name'] === RESYNC_TARGET)) await step('blockdev-del resync target', () => q.execute('blockdev-del', { 'node-name': RESYNC_TARGET }));
+  await step('block-dirty-bitmap-remove', () => ignoreMissing(() => q.execute('block-dirty-bitmap-remove', { node: 'colo-disk0', name: RESYNC_BITMAP })));
 }

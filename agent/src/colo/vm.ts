@@ -16,9 +16,9 @@ import { fenceWatch, tick } from './vm/control.ts';
 import { init } from './vm/lifecycle.ts';
 import { prepareSecondary, release, requestTakeover } from './vm/secondary.ts';
 import { crashPrimary, quiesceForHandover, replicaProblemNow } from './vm/handover.ts';
-import type { PrepareRequest, VmControllerDeps, VmStatus } from './vm/types.ts';
+import type { PrepareAnswer, PrepareRequest, VmControllerDeps, VmStatus } from './vm/types.ts';
 
-export { VmBusyError, type FailoverRecord, type LogReader, type PrepareRequest, type ResyncProgress, type VmControllerDeps, type VmStatus } from './vm/types.ts';
+export { VmBusyError, type FailoverRecord, type LogReader, type PrepareAnswer, type PrepareRequest, type ResyncProgress, type VmControllerDeps, type VmStatus } from './vm/types.ts';
 
 export class VmController {
   /** The VM's state, shared by the controller's modules (exposed for tests and the simulator). */
@@ -49,7 +49,7 @@ export class VmController {
   fenceWatch(): void { fenceWatch(this.c); }
   tick(): Promise<void> { return tick(this.c); }
 
-  prepareSecondary(req: PrepareRequest): Promise<void> { return prepareSecondary(this.c, req); }
+  prepareSecondary(req: PrepareRequest): Promise<PrepareAnswer> { return prepareSecondary(this.c, req); }
   release(reason: string, epoch?: number): Promise<void> { return release(this.c, reason, epoch); }
   requestTakeover(reason: string, epoch?: number): void { requestTakeover(this.c, reason, epoch); }
 

@@ -115,6 +115,12 @@ export const configSchema = z.object({
     // Clients retransmit after 200, 600, 1400 ms (Linux's minimum RTO, doubling): 2000 ms lets
     // the retransmissions of a sub-second failover be served first, for 2 s more unprotected.
     reprotect_delay_ms: ms(0, 600_000).default(2_000),
+    // How a new replica's disk is brought in sync: `full` copies every block (drive-mirror);
+    // `checksum` digests both copies in chunks and copies only the chunks that differ plus what
+    // the guest writes meanwhile (nbd/checksums.ts; sound whatever happened before, since it
+    // compares content). A checksum resync that fails is retried as a full copy.
+    resync: z.enum(['full', 'checksum']).default('checksum'),
+    resync_chunk_kib: z.number().int().min(64).max(4096).refine((n) => (n & (n - 1)) === 0, 'a power of two (64 .. 4096)').default(256),
     checkpoint_stall_ms: ms(1_000, 600_000).optional(),
     // A sustained checkpoint rate above this (outputs keep mismatching) marks the secondary
     // sick: it is rebuilt. 0 disables the check.

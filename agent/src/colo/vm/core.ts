@@ -45,6 +45,8 @@ export class VmCore {
   preparedFor: { protection: string; atMono: number } | null = null;
   nextProtectAt = 0;
   protectFailures = 0;
+  /** Why the last checksum resync failed: the next attempt copies the whole disk (then cleared). */
+  resyncFallback: string | null = null;
   lastProtectError: string | null = null;
   nextStartAt = 0;
   quickExits = 0;

@@ -9,11 +9,13 @@ import { roleOf, isPrimaryState } from '../states.ts';
 import { tick } from './control.ts';
 import type { VmCore } from './core.ts';
 import { launch, killQemu } from './lifecycle.ts';
-import { VmBusyError, type PrepareRequest } from './types.ts';
+import { VmBusyError, type PrepareAnswer, type PrepareRequest } from './types.ts';
+import { NbdClient } from '../../nbd/client.ts';
+import { chunkDigests } from '../../nbd/checksums.ts';
 
 
 /** Peer (primary) asks this node to become its secondary. Resolves when ready for the stream. */
-export async function prepareSecondary(c: VmCore, req: PrepareRequest): Promise<void> {
+export async function prepareSecondary(c: VmCore, req: PrepareRequest): Promise<PrepareAnswer> {
   if (isPrimaryState(c.state)) throw new VmBusyError(c.name, `this node runs the VM as ${c.state}; refusing to become a secondary`);
   if (c.busy) throw new VmBusyError(c.name, 'an operation is in progress');
   const dur = c.durable();
@@ -40,7 +42,18 @@ export async function prepareSecondary(c: VmCore, req: PrepareRequest): Promise<
     c.qemuLogTail.skipToEnd();
     const h = await launch(c, 'secondary', false);
     await seq.secondaryPrepare(h.qmp, { listen: c.d.config.node.replication_address, ports: vmPorts(vm.base_port) });
+    let digests: string | undefined;
+    if (req.checksumChunkBytes) {
+      // Through our own QEMU's export of the disk (parent0), before anything writes to it.
+      const t0 = c.d.clock.mono();
+      const nbd = await NbdClient.connect({ host: c.d.config.node.replication_address, port: vmPorts(vm.base_port).nbd }, 'parent0');
+      try {
+        digests = (await chunkDigests(nbd, req.checksumChunkBytes)).toString('base64');
+      } finally { nbd.close(); }
+      c.log.info('disk digested for a checksum resync', { bytes: req.sizeBytes, chunkBytes: req.checksumChunkBytes, ms: Math.round(c.d.clock.mono() - t0) });
+    }
     c.log.info('secondary ready for the COLO stream', { primary: req.primary });
+    return digests === undefined ? { ready: true } : { ready: true, digests };
   } catch (e) {
     await killQemu(c, `secondary preparation failed: ${errorMessage(e)}`);
     throw e;

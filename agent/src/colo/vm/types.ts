@@ -58,7 +58,11 @@ export interface FailoverRecord {
 }
 
 export interface ResyncProgress {
-  phase: 'preparing-secondary' | 'mirroring' | 'connecting' | 'first-checkpoint';
+  /** full: every block (drive-mirror); checksum: only the chunks whose digests differ, then the guest's writes since. */
+  mode: 'full' | 'checksum';
+  phase: 'preparing-secondary' | 'digesting' | 'copying' | 'catching-up' | 'mirroring' | 'connecting' | 'first-checkpoint';
+  /** checksum: bytes whose chunks differ (what must cross the link), null until known. */
+  plannedBytes: number | null;
   bytesDone: number;
   bytesTotal: number;
   rateBytesPerS: number;
@@ -91,7 +95,14 @@ export interface VmStatus {
 }
 
 /** `protection`: id of the primary's protection attempt; its heartbeat summaries carry it (see preparedFor). */
-export interface PrepareRequest { epoch: number; sizeBytes: number; primary: string; protection?: string }
+export interface PrepareRequest {
+  epoch: number; sizeBytes: number; primary: string; protection?: string;
+  /** Checksum resync: once ready, digest this host's copy of the disk in chunks of this size. */
+  checksumChunkBytes?: number;
+}
+
+/** What the secondary answers to prepare: the digests of its disk when the primary asked for them. */
+export interface PrepareAnswer { ready: true; digests?: string /* base64, nbd/checksums.ts DIGEST_BYTES each */ }
 
 /**
  * How long a secondary disregards the primary's summaries that do not name the protection

@@ -6,7 +6,10 @@ import { FtkvmError, errorMessage } from '../../../util/errors.ts';
 import { vmPorts } from '../../ports.ts';
 import * as seq from '../../sequences.ts';
 import type { VmCore } from '../core.ts';
-import type { PrepareRequest } from '../types.ts';
+import type { PrepareAnswer, PrepareRequest } from '../types.ts';
+import { join } from 'node:path';
+import { NbdClient } from '../../../nbd/client.ts';
+import { chunkDigests, copyChunks, differingChunks } from '../../../nbd/checksums.ts';
 
 export function primaryAddrs(c: VmCore): seq.PrimaryAddrs {
   return { local: c.d.config.node.replication_address, peer: c.d.config.peer.replication_address, ports: vmPorts(c.d.vm.base_port) };
@@ -19,8 +22,12 @@ export async function protect(c: VmCore, why: string): Promise<void> {
   const t0 = c.d.clock.mono();
   const protection = randomUUID();
   c.protection = protection;
-  c.setState('syncing', `building a replica on ${c.d.config.peer.name} (attempt ${attempt}): ${why}`);
-  c.resync = { phase: 'preparing-secondary', bytesDone: 0, bytesTotal: 0, rateBytesPerS: 0, etaS: null, startedAt: t0, attempt };
+  // A checksum resync that failed is retried as a full copy (and says so); the next protection
+  // tries checksums again.
+  const mode = c.d.config.colo.resync === 'checksum' && !c.resyncFallback ? 'checksum' : 'full';
+  if (c.d.config.colo.resync === 'checksum' && mode === 'full') c.log.warn('full disk copy this time: the last checksum resync failed', { why: c.resyncFallback });
+  c.setState('syncing', `building a replica on ${c.d.config.peer.name} (attempt ${attempt}, ${mode} resync): ${why}`);
+  c.resync = { mode, phase: 'preparing-secondary', plannedBytes: null, bytesDone: 0, bytesTotal: 0, rateBytesPerS: 0, etaS: null, startedAt: t0, attempt };
   const a = primaryAddrs(c);
   let stoppedByUs = false;
   try {
@@ -29,21 +36,16 @@ export async function protect(c: VmCore, why: string): Promise<void> {
     if (!size) throw new FtkvmError('NO_DISK', 'colo-disk0 not found in query-block');
     const dur = c.durable();
     // Our CLAIM (promotion epoch): a stale primary that merely heard a newer epoch is refused.
-    await c.d.peer.call('POST', `/v1/peer/vms/${c.name}/prepare`, { epoch: dur.primaryEpoch, sizeBytes: size, primary: c.d.config.node.name, protection } satisfies PrepareRequest, 60_000);
-    c.resync = { ...c.resync, phase: 'mirroring', bytesTotal: size };
-    let lastDone = 0, lastLog = -Infinity;
-    await seq.primaryMirror(q, a, (p) => {
-      const now = c.d.clock.mono();
-      const elapsed = Math.max(1, now - t0) / 1000;
-      c.d.metrics.resync(c.name, p.offset - lastDone);
-      lastDone = p.offset;
-      const rate = p.offset / elapsed;
-      c.resync = { ...c.resync!, bytesDone: p.offset, bytesTotal: p.len, rateBytesPerS: Math.round(rate), etaS: rate > 0 ? Math.round((p.len - p.offset) / rate) : null };
-      if (now - lastLog > 5000 || p.ready) {
-        lastLog = now;
-        c.log.info('resync progress', { copied: p.offset, total: p.len, rateMBps: (rate / 1e6).toFixed(1), etaS: c.resync.etaS, ready: p.ready });
-      }
-    }, { timeoutMs: 6 * 3600_000 });
+    const prepare = (extra: Partial<PrepareRequest>, timeoutMs: number) => c.d.peer.call<PrepareAnswer>('POST', `/v1/peer/vms/${c.name}/prepare`,
+      { epoch: dur.primaryEpoch, sizeBytes: size, primary: c.d.config.node.name, protection, ...extra } satisfies PrepareRequest, timeoutMs);
+    if (mode === 'checksum') {
+      await checksumSync(c, q, a, size, prepare, t0);
+    } else {
+      await prepare({}, 60_000);
+      c.resync = { ...c.resync, phase: 'mirroring', bytesTotal: size, plannedBytes: size };
+      const progress = progressReporter(c, t0);
+      await seq.primaryMirror(q, a, (p) => progress(p.offset, p.len, p.ready), { timeoutMs: 6 * 3600_000 });
+    }
     c.resync = { ...c.resync, phase: 'connecting' };
     await seq.primaryAddProxyChardevs(q, a);
     await seq.primaryWaitSecondaryConnected(q, 15_000);
@@ -51,22 +53,33 @@ export async function protect(c: VmCore, why: string): Promise<void> {
     const st = await q.execute<{ running: boolean }>('query-status');
     const tStop = c.d.clock.mono();
     if (st.running) { await q.execute('stop'); stoppedByUs = true; }
-    await seq.cancelMirror(q);
+    if (mode === 'checksum') {
+      // Paused: the last writes since the catching-up passes, then the disks are identical.
+      const last = await seq.backupDelta(q, a, 600_000);
+      c.d.metrics.resync(c.name, last.copiedBytes);
+      c.log.info('checksum resync: final delta copied with the guest paused', { bytes: last.copiedBytes, ms: Math.round(c.d.clock.mono() - tStop) });
+      await seq.checksumCleanup(q);
+    } else {
+      await seq.cancelMirror(q);
+    }
     await seq.primaryAttachReplication(q, a);
     await seq.primaryAddProxyObjects(q);
     await seq.primaryStartColo(q, a, checkpointDelay(c.d.config, c.d.vm), 120_000);
     c.ckpt.reset();
     c.protectFailures = 0;
     c.lastProtectError = null;
+    c.resyncFallback = null;
+    const done = c.resync;
     c.resync = null;
     c.persist({ role: 'primary' });
-    c.setState('protected', `replica on ${c.d.config.peer.name} in sync after ${((c.d.clock.mono() - t0) / 1000).toFixed(1)} s (guest paused ${stoppedByUs ? c.d.clock.mono() - tStop : 0} ms for the first checkpoint)`);
+    c.setState('protected', `replica on ${c.d.config.peer.name} in sync after ${((c.d.clock.mono() - t0) / 1000).toFixed(1)} s (${mode} resync${mode === 'checksum' ? `: ${done.plannedBytes ?? 0} of ${size} bytes differed` : ''}; guest paused ${stoppedByUs ? Math.round(c.d.clock.mono() - tStop) : 0} ms for the first checkpoint)`);
   } catch (e) {
     const msg = errorMessage(e);
     c.protectFailures++;
+    if (mode === 'checksum') c.resyncFallback = msg;
     const backoff = Math.min(c.d.config.colo.resync_retry_min_ms * 2 ** (c.protectFailures - 1), c.d.config.colo.resync_retry_max_ms);
     c.nextProtectAt = c.d.clock.mono() + backoff;
-    c.log.warn('protection failed; guest continues unprotected', { error: msg, retryInMs: backoff });
+    c.log.warn('protection failed; guest continues unprotected', { error: msg, retryInMs: backoff, resync: mode });
     c.resync = null;
     await cleanupAfterFailedProtect(c, stoppedByUs);
     // Published together with the state: /v1/status never shows the error while still 'syncing'.
@@ -75,11 +88,76 @@ export async function protect(c: VmCore, why: string): Promise<void> {
   }
 }
 
+/** Progress of a copy (bytes done of total) into status, metrics and a log line every 5 s. */
+function progressReporter(c: VmCore, t0: number): (done: number, total: number, ready: boolean) => void {
+  let lastDone = 0, lastLog = -Infinity;
+  return (done, total, ready) => {
+    const now = c.d.clock.mono();
+    const elapsed = Math.max(1, now - t0) / 1000;
+    c.d.metrics.resync(c.name, done - lastDone);
+    lastDone = done;
+    const rate = done / elapsed;
+    c.resync = { ...c.resync!, bytesDone: done, bytesTotal: total, rateBytesPerS: Math.round(rate), etaS: rate > 0 ? Math.round((total - done) / rate) : null };
+    if (now - lastLog > 5000 || ready) {
+      lastLog = now;
+      c.log.info('resync progress', { mode: c.resync.mode, phase: c.resync.phase, copied: done, total, rateMBps: (rate / 1e6).toFixed(1), etaS: c.resync.etaS, ready });
+    }
+  };
+}
+
+/**
+ * Checksum resync (nbd/checksums.ts): record writes from now on, digest both copies (ours
+ * through a read-only export of colo-disk0, the secondary's while it prepares), copy the chunks
+ * that differ, then what the guest wrote meanwhile (blockdev-backup of the bitmap) until little
+ * is left; the last of it is copied with the guest paused, right before COLO starts.
+ */
+async function checksumSync(c: VmCore, q: seq.QmpLike, a: seq.PrimaryAddrs, size: number,
+  prepare: (extra: Partial<PrepareRequest>, timeoutMs: number) => Promise<PrepareAnswer>, t0: number): Promise<void> {
+  const chunk = c.d.config.colo.resync_chunk_kib * 1024;
+  const sock = join(c.paths.dir, 'resync-scan.sock');
+  await seq.checksumScanStart(q, sock);
+  const local = await NbdClient.connect({ path: sock }, seq.SCAN_EXPORT);
+  let dst: NbdClient | null = null;
+  try {
+    c.resync = { ...c.resync!, phase: 'digesting', bytesTotal: size };
+    const tDigest = c.d.clock.mono();
+    // The secondary digests its disk before answering: allow for a slow disk (20 MB/s).
+    const [mine, answer] = await Promise.all([
+      chunkDigests(local, chunk, (p) => { c.resync = { ...c.resync!, bytesDone: p.doneBytes }; }),
+      prepare({ checksumChunkBytes: chunk }, 60_000 + Math.ceil(size / 20_000)),
+    ]);
+    if (!answer.digests) throw new FtkvmError('RESYNC_NO_DIGESTS', `${c.d.config.peer.name} did not digest its disk (an older agent?)`);
+    const diff = differingChunks(mine, Buffer.from(answer.digests, 'base64'));
+    const planned = diff.reduce((s, i) => s + Math.min(chunk, size - i * chunk), 0);
+    c.log.info('checksum resync: digests compared', { chunks: Math.ceil(size / chunk), differing: diff.length, plannedBytes: planned, diskBytes: size, digestMs: Math.round(c.d.clock.mono() - tDigest) });
+    c.resync = { ...c.resync!, phase: 'copying', plannedBytes: planned, bytesDone: 0, bytesTotal: planned };
+    dst = await NbdClient.connect({ host: a.peer, port: a.ports.nbd }, 'parent0');
+    const progress = progressReporter(c, c.d.clock.mono());
+    await copyChunks(local, dst, diff, chunk, (p) => progress(p.doneBytes, p.totalBytes, false));
+  } finally {
+    local.close();
+    dst?.close();
+  }
+  await seq.checksumScanStop(q);
+  c.resync = { ...c.resync!, phase: 'catching-up' };
+  // The guest kept writing: copy what it wrote, a few passes while it runs, until little is left.
+  for (let pass = 1; pass <= 3; pass++) {
+    const r = await seq.backupDelta(q, a, 6 * 3600_000);
+    c.d.metrics.resync(c.name, r.copiedBytes);
+    c.resync = { ...c.resync!, plannedBytes: (c.resync!.plannedBytes ?? 0) + r.copiedBytes };
+    c.log.info('checksum resync: writes since the scan copied', { pass, bytes: r.copiedBytes, dirtyAfter: r.dirtyAfter, sinceStartS: ((c.d.clock.mono() - t0) / 1000).toFixed(1) });
+    if (r.dirtyAfter <= 4 * chunk) break;
+  }
+}
+
 /** Whatever happened, the guest must not stay paused and no half-built replica may stay attached. */
 export async function cleanupAfterFailedProtect(c: VmCore, _stoppedByUs: boolean): Promise<void> {
   const q = c.qemu?.qmp;
   void c.d.peer.call('POST', `/v1/peer/vms/${c.name}/release`, { reason: 'protection attempt failed', epoch: c.durable().primaryEpoch }, 3000).catch(() => undefined);
   if (!q) return;
+  if (c.d.config.colo.resync === 'checksum') {
+    await seq.checksumCleanup(q).catch((e) => c.log.error('cleanup of the checksum resync incomplete', { error: errorMessage(e) }));
+  }
   try {
     const mig = await q.execute<{ status?: string }>('query-migrate');
     if (mig.status && ['setup', 'active', 'device'].includes(mig.status)) await q.execute('migrate_cancel');
