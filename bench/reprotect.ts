@@ -33,7 +33,9 @@ const log = (m: string) => console.log(`[${new Date().toISOString().slice(11, 19
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const VM = 'rp';
 
-interface Row { diskMib: number; memMib: number; round: number; reprotectS: number; syncS: number | null; pauseMs: number | null; bytes: number; linkMBps: number; boundS: number; ratio: number }
+interface Row { diskMib: number; memMib: number; round: number; reprotectS: number; syncS: number | null; pauseMs: number | null; bytes: number; linkMBps: number; boundS: number; ratio: number;
+  /** checksum: disk bytes whose chunks differed (what the digests decided to copy) and how long digesting took. */
+  diffBytes: number | null; digestMs: number | null }
 
 /** Bytes sent so far on host h's replication interface. */
 async function txBytes(p: AgentPair, h: H): Promise<number> {
@@ -98,8 +100,11 @@ async function one(diskMib: number, memMib: number): Promise<Row[]> {
       const lines = readFileSync(p.agentLog(next), 'utf8').split('\n').filter((l) => /in sync after/.test(l));
       const m = /in sync after ([0-9.]+) s \(.*guest paused (\d+) ms/.exec(lines.at(-1) ?? '');
       const syncS = m ? Number(m[1]) : null, pauseMs = m ? Number(m[2]) : null;
+      const ck = readFileSync(p.agentLog(next), 'utf8').split('\n').filter((l) => /checksum resync: digests compared/.test(l)).at(-1) ?? '';
+      const diffBytes = /plannedBytes=(\d+)/.exec(ck) ? Number(/plannedBytes=(\d+)/.exec(ck)![1]) : null;
+      const digestMs = /digestMs=(\d+)/.exec(ck) ? Number(/digestMs=(\d+)/.exec(ck)![1]) : null;
       const boundS = bytes / link;
-      const row = { diskMib, memMib, round: r, reprotectS, syncS, pauseMs, bytes, linkMBps: link / 1e6, boundS, ratio: (syncS ?? reprotectS) / boundS };
+      const row = { diskMib, memMib, round: r, reprotectS, syncS, pauseMs, bytes, linkMBps: link / 1e6, boundS, ratio: (syncS ?? reprotectS) / boundS, diffBytes: resync === 'checksum' ? diffBytes : null, digestMs: resync === 'checksum' ? digestMs : null };
       rows.push(row);
       log(`  round ${r}: ${next} re-protected in ${reprotectS.toFixed(1)} s (resync + first checkpoint ${syncS ?? '?'} s, guest paused ${pauseMs ?? '?'} ms), ${(bytes / 2 ** 20).toFixed(0)} MiB sent, line-rate bound ${boundS.toFixed(1)} s, ratio ${row.ratio.toFixed(2)}`);
     }
@@ -117,8 +122,8 @@ for (const d of num(values.disks!)) all.push(...await one(d, 256));
 for (const m of num(values.mems!)) all.push(...await one(64, m));
 console.log(`\nbench/reprotect (${new Date().toISOString().slice(0, 10)}, QEMU 7.2 TCG, 2 cores, both hosts on one machine, replication link tc-limited to ${linkMbit} Mbit/s, ` +
   `${resync === 'full' ? 'full copy (drive-mirror)' : 'checksum resync (digests, differing chunks, then the writes since)'} + first COLO checkpoint, embedded witness, ${((Date.now() - t0) / 60000).toFixed(1)} min)`);
-console.log('| disk MiB (written) | RAM MiB (filled) | re-protected after takeover s | resync + first checkpoint s | guest paused ms | MiB sent | link MB/s | line-rate bound s | ratio |');
-console.log('|---|---|---|---|---|---|---|---|---|');
+console.log('| disk MiB (written) | RAM MiB (filled) | re-protected after takeover s | resync + first checkpoint s | guest paused ms | MiB sent | link MB/s | line-rate bound s | ratio | disk chunks differing (checksum) | digest s |');
+console.log('|---|---|---|---|---|---|---|---|---|---|---|');
 for (const r of all) {
-  console.log(`| ${r.diskMib} (${Math.round(r.diskMib * diskFill)}) | ${r.memMib} (${Math.max(0, Math.min(Math.round(r.memMib * memFill), r.memMib - 96))}) | ${r.reprotectS.toFixed(1)} | ${r.syncS ?? '?'} | ${r.pauseMs ?? '?'} | ${(r.bytes / 2 ** 20).toFixed(0)} | ${r.linkMBps.toFixed(1)} | ${r.boundS.toFixed(1)} | ${r.ratio.toFixed(2)} |`);
+  console.log(`| ${r.diskMib} (${Math.round(r.diskMib * diskFill)}) | ${r.memMib} (${Math.max(0, Math.min(Math.round(r.memMib * memFill), r.memMib - 96))}) | ${r.reprotectS.toFixed(1)} | ${r.syncS ?? '?'} | ${r.pauseMs ?? '?'} | ${(r.bytes / 2 ** 20).toFixed(0)} | ${r.linkMBps.toFixed(1)} | ${r.boundS.toFixed(1)} | ${r.ratio.toFixed(2)} | ${r.diffBytes === null ? '-' : `${(r.diffBytes / 2 ** 20).toFixed(2)} MiB (${(100 * r.diffBytes / (r.diskMib * 2 ** 20)).toFixed(2)} %)`} | ${r.digestMs === null ? '-' : (r.digestMs / 1000).toFixed(1)} |`);
 }

@@ -283,7 +283,8 @@ export class Agent {
       witnessUp: w.mode === 'witness' ? !!w.reachable : null,
       vms: [...this.controllers.values()].map((v) => {
         const s = v.status();
-        return { name: s.name, state: s.state, protected: s.protected, epoch: s.epoch, resyncRemaining: s.resync ? s.resync.bytesTotal - s.resync.bytesDone : null };
+        return { name: s.name, state: s.state, protected: s.protected, epoch: s.epoch, resyncRemaining: s.resync ? s.resync.bytesTotal - s.resync.bytesDone : null,
+          resyncMode: s.resync?.mode ?? null, resyncPlanned: s.resync?.plannedBytes ?? null };
       }),
     };
   }

@@ -12,7 +12,7 @@ export interface GaugeSnapshot {
   heartbeatStale: number;
   paths: { index: number; address: string; up: boolean; rttMs: number | null }[];
   witnessUp: boolean | null;
-  vms: { name: string; state: string; protected: boolean; epoch: number; resyncRemaining: number | null }[];
+  vms: { name: string; state: string; protected: boolean; epoch: number; resyncRemaining: number | null; resyncMode?: string | null; resyncPlanned?: number | null }[];
 }
 
 export class Metrics {
@@ -64,6 +64,9 @@ export class Metrics {
       collect() { this.reset(); for (const v of self.snapshot().vms) this.set({ vm: v.name }, v.epoch); } });
     new Gauge({ name: 'ftkvm_resync_remaining_bytes', help: 'Disk bytes left to copy to the secondary (during resync)', labelNames: ['vm'], registers: r,
       collect() { this.reset(); for (const v of self.snapshot().vms) if (v.resyncRemaining !== null) this.set({ vm: v.name }, v.resyncRemaining); } });
+    // What a resync must move (checksum: the differing chunks and the writes since; full: the disk).
+    new Gauge({ name: 'ftkvm_resync_planned_bytes', help: 'Bytes the running resync must copy to the secondary, by mode (checksum: chunks that differ plus writes since; full: the whole disk)', labelNames: ['vm', 'mode'], registers: r,
+      collect() { this.reset(); for (const v of self.snapshot().vms) if (v.resyncMode && v.resyncPlanned !== null && v.resyncPlanned !== undefined) this.set({ vm: v.name, mode: v.resyncMode }, v.resyncPlanned); } });
   }
 
   setSnapshot(f: () => GaugeSnapshot): void { this.snapshot = f; }
