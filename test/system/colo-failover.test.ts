@@ -11,7 +11,7 @@ async function lastCheckpointAt(p: AgentPair, h: H, vm: string): Promise<number>
 
 test('primary host lost: the secondary takes over, the TCP connection and every acknowledged transaction survive (2 vCPUs)', async (t) => {
   t.timeout(300_000);
-  // colo.resync full: the drive-mirror path stays covered now that checksum is the default.
+  // colo.resync full (the default), explicitly: this test covers the drive-mirror path.
   await withPair(t, 11, { vms: [{ name: 'web', vcpus: 2, guestIp: 10, basePort: 19000 }], colo: { resync: 'full' } }, async (p) => {
     p.startAgent('A'); p.startAgent('B');
     const prim = await p.waitProtected('web');

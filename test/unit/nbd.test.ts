@@ -66,3 +66,61 @@ test('NBD errors are clear: an unknown export, a request beyond the end, a close
   c.close();
   await t.throwsAsync(NbdClient.connect({ path: join(dir, 'missing.sock') }, 'disk', 1000), { code: 'NBD_ERROR' });
 });
+
+/** A scripted NBD server (fixed newstyle, structured replies, one export of 1 MiB) for protocol edge cases. */
+async function fakeServer(t: { teardown(f: () => void): void }, onRequest: (sock: import('node:net').Socket, handle: Buffer, offset: number, length: number) => void): Promise<string> {
+  const { createServer } = await import('node:net');
+  const dir = mkdtempSync(join(tmpdir(), 'ftkvm-nbd-fake-'));
+  const path = join(dir, 's.sock');
+  const srv = createServer((sock) => {
+    const hello = Buffer.alloc(18); hello.write('NBDMAGIC'); hello.write('IHAVEOPT', 8); hello.writeUInt16BE(3, 16);
+    sock.write(hello);
+    let buf = Buffer.alloc(0), stage = 'flags';
+    sock.on('data', (d) => {
+      buf = Buffer.concat([buf, d]);
+      for (;;) {
+        if (stage === 'flags') { if (buf.length < 4) return; buf = buf.subarray(4); stage = 'opts'; continue; }
+        if (stage === 'opts') {
+          if (buf.length < 16) return;
+          const opt = buf.readUInt32BE(8), len = buf.readUInt32BE(12);
+          if (buf.length < 16 + len) return;
+          buf = buf.subarray(16 + len);
+          const reply = (type: number, body = Buffer.alloc(0)) => { const h = Buffer.alloc(20); h.writeBigUInt64BE(0x3e889045565a9n); h.writeUInt32BE(opt, 8); h.writeUInt32BE(type, 12); h.writeUInt32BE(body.length, 16); sock.write(Buffer.concat([h, body])); };
+          if (opt === 7) { const info = Buffer.alloc(12); info.writeUInt16BE(0); info.writeBigUInt64BE(1048576n, 2); info.writeUInt16BE(1, 10); reply(3, info); reply(1); stage = 'tx'; }
+          else reply(opt === 8 ? 1 : 0x80000001); // structured replies yes, meta contexts no
+          continue;
+        }
+        if (buf.length < 28) return;
+        const handle = buf.subarray(8, 16), offset = Number(buf.readBigUInt64BE(16)), length = buf.readUInt32BE(24);
+        buf = buf.subarray(28);
+        onRequest(sock, Buffer.from(handle), offset, length);
+      }
+    });
+  });
+  await new Promise<void>((r) => srv.listen(path, r));
+  t.teardown(() => { srv.close(); rmSync(dir, { recursive: true, force: true }); });
+  return path;
+}
+
+test('NBD: a request the server never answers fails after the request timeout; a malformed reply fails the request, not the process', async (t) => {
+  const silent = await fakeServer(t, () => undefined);
+  const c1 = await NbdClient.connect({ path: silent }, 'x', 2000, 300);
+  const t0 = Date.now();
+  await t.throwsAsync(c1.read(0, 4096), { code: 'NBD_ERROR', message: /not answered within 300 ms/ });
+  t.true(Date.now() - t0 < 2000);
+  const bad = await fakeServer(t, (sock, handle, offset) => {
+    // an OFFSET_DATA chunk that lies outside the request, with the DONE flag
+    const h = Buffer.alloc(20); h.writeUInt32BE(0x668e33ef); h.writeUInt16BE(1, 4); h.writeUInt16BE(1, 6); handle.copy(h, 8); h.writeUInt32BE(8 + 16, 16);
+    const body = Buffer.alloc(8 + 16); body.writeBigUInt64BE(BigInt(offset + 1_000_000));
+    sock.write(Buffer.concat([h, body]));
+  });
+  const c2 = await NbdClient.connect({ path: bad }, 'x', 2000, 5000);
+  await t.throwsAsync(c2.read(0, 4096), { code: 'NBD_ERROR', message: /outside its request/ });
+  const short = await fakeServer(t, (sock, handle) => {
+    // a structured read answered for only half its range
+    const h = Buffer.alloc(20); h.writeUInt32BE(0x668e33ef); h.writeUInt16BE(1, 4); h.writeUInt16BE(1, 6); handle.copy(h, 8); h.writeUInt32BE(8 + 2048, 16);
+    sock.write(Buffer.concat([h, Buffer.alloc(8), Buffer.alloc(2048, 7)]));
+  });
+  const c3 = await NbdClient.connect({ path: short }, 'x', 2000, 5000);
+  await t.throwsAsync(c3.read(0, 4096), { code: 'NBD_ERROR', message: /answered for 2048/ });
+});

@@ -118,8 +118,10 @@ export const configSchema = z.object({
     // How a new replica's disk is brought in sync: `full` copies every block (drive-mirror);
     // `checksum` digests both copies in chunks and copies only the chunks that differ plus what
     // the guest writes meanwhile (nbd/checksums.ts; sound whatever happened before, since it
-    // compares content). A checksum resync that fails is retried as a full copy.
-    resync: z.enum(['full', 'checksum']).default('checksum'),
+    // compares content). A checksum resync that fails is retried as a full copy. Not the default
+    // yet: its catch-up passes use blockdev-backup, whose copy-before-write makes a guest write
+    // fail if the secondary vanishes during a pass (QEMU < 10.1 cannot say on-cbw-error).
+    resync: z.enum(['full', 'checksum']).default('full'),
     resync_chunk_kib: z.number().int().min(64).max(4096).refine((n) => (n & (n - 1)) === 0, 'a power of two (64 .. 4096)').default(256),
     checkpoint_stall_ms: ms(1_000, 600_000).optional(),
     // A sustained checkpoint rate above this (outputs keep mismatching) marks the secondary

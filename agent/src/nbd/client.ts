@@ -36,12 +36,19 @@ export interface Extent { offset: number; length: number; flags: number }
 
 interface Pending {
   cmd: number; offset: number; length: number;
+  /** READ (structured): bytes the data and hole chunks covered so far. */
+  covered: number;
+  timer: NodeJS.Timeout;
   /** READ: the data, zero-filled (holes stay zero). */
   data: Buffer | null;
   extents: Extent[];
   error: string | null;
   resolve: (p: Pending) => void; reject: (e: Error) => void;
 }
+
+/** A request not answered within this long fails, and the connection with it (a peer that lost
+ * power after TCP acknowledged our writes would otherwise leave them pending for ever). */
+export const NBD_REQUEST_TIMEOUT_MS = 120_000;
 
 export class NbdClient {
   readonly size: number;
@@ -57,7 +64,7 @@ export class NbdClient {
   /** The reply being read: its header is parsed, its payload not yet complete. */
   private current: { handle: bigint; structured: boolean; error: number; flags: number; type: number; length: number } | null = null;
 
-  private constructor(sock: Socket, size: number, flags: number, allocationContext: number | null, rest: Buffer) {
+  private constructor(sock: Socket, size: number, flags: number, allocationContext: number | null, rest: Buffer, private readonly requestTimeoutMs: number) {
     this.sock = sock;
     this.size = size;
     this.readOnly = (flags & FLAG_READ_ONLY) !== 0;
@@ -67,7 +74,7 @@ export class NbdClient {
     const fail = (e: Error) => {
       if (this.failed) return;
       this.failed = e;
-      for (const p of this.pending.values()) p.reject(e);
+      for (const p of this.pending.values()) { clearTimeout(p.timer); p.reject(e); }
       this.pending.clear();
     };
     sock.on('error', (e) => fail(new NbdError(`NBD connection failed: ${e.message}`, { cause: e })));
@@ -79,9 +86,10 @@ export class NbdClient {
   get hasBlockStatus(): boolean { return this.allocationContext !== null; }
 
   /** Connects and negotiates the export: structured replies and base:allocation when offered, then NBD_OPT_GO. */
-  static async connect(addr: NbdAddress, exportName: string, timeoutMs = 10_000): Promise<NbdClient> {
+  static async connect(addr: NbdAddress, exportName: string, timeoutMs = 10_000, requestTimeoutMs = NBD_REQUEST_TIMEOUT_MS): Promise<NbdClient> {
     const sock = 'path' in addr ? connect(addr.path) : connect(addr.port, addr.host);
     sock.setNoDelay(true);
+    sock.setKeepAlive(true, 10_000); // a silently vanished peer ends the connection
     const where = 'path' in addr ? addr.path : `${addr.host}:${addr.port}`;
     const reader = new HandshakeReader(sock, timeoutMs, `NBD handshake with ${where}`);
     try {
@@ -133,8 +141,9 @@ export class NbdClient {
         if (type === REP_INFO && body.length >= 12 && body.readUInt16BE(0) === INFO_EXPORT) { size = Number(body.readBigUInt64BE(2)); flags = body.readUInt16BE(10); }
       });
       if (size === null) throw new NbdError(`${where}: no export size in the NBD_OPT_GO reply`);
-      return new NbdClient(sock, size, flags, allocationContext, reader.release());
+      return new NbdClient(sock, size, flags, allocationContext, reader.release(), requestTimeoutMs);
     } catch (e) {
+      reader.release();
       sock.destroy();
       throw e instanceof NbdError ? e : new NbdError(`NBD handshake with ${where} failed: ${(e as Error).message}`, { cause: e });
     }
@@ -172,7 +181,9 @@ export class NbdClient {
     h.writeUInt32BE(REQUEST_MAGIC, 0); h.writeUInt16BE(0, 4); h.writeUInt16BE(cmd, 6);
     h.writeBigUInt64BE(handle, 8); h.writeBigUInt64BE(BigInt(offset), 16); h.writeUInt32BE(length, 24);
     return new Promise<Pending>((resolve, reject) => {
-      this.pending.set(handle, { cmd, offset, length, data: cmd === CMD_READ ? Buffer.alloc(length) : null, extents: [], error: null, resolve, reject });
+      const timer = setTimeout(() => this.sock.destroy(new NbdError(`NBD request (command ${cmd}, ${length} bytes at ${offset}) not answered within ${this.requestTimeoutMs} ms`)), this.requestTimeoutMs);
+      timer.unref();
+      this.pending.set(handle, { cmd, offset, length, covered: 0, timer, data: cmd === CMD_READ ? Buffer.alloc(length) : null, extents: [], error: null, resolve, reject });
       this.sock.write(data ? Buffer.concat([h, data]) : h);
     });
   }
@@ -202,7 +213,12 @@ export class NbdClient {
 
   private protocolError(msg: string): void { this.sock.destroy(new NbdError(msg)); }
 
+  /** A malformed reply must end the connection, not throw out of the socket's data handler (the agent). */
   private drain(): void {
+    try { this.parse(); } catch (e) { this.protocolError(`malformed NBD reply: ${(e as Error).message}`); }
+  }
+
+  private parse(): void {
     for (;;) {
       if (!this.current) {
         if (this.buffered < 4) return;
@@ -231,13 +247,14 @@ export class NbdClient {
         if (this.buffered < cur.length) return;
         const body = this.take(cur.length);
         if (cur.type & 0x8000) {
-          const errno = body.readUInt32BE(0), mlen = body.readUInt16BE(4);
+          const errno = body.length >= 4 ? body.readUInt32BE(0) : -1, mlen = body.length >= 6 ? body.readUInt16BE(4) : 0;
           p.error = `errno ${errno}${mlen ? ': ' + body.subarray(6, 6 + mlen).toString('utf8') : ''}`;
-        } else if (cur.type === REPLY_TYPE_OFFSET_DATA) {
+        } else if (cur.type === REPLY_TYPE_OFFSET_DATA || cur.type === REPLY_TYPE_OFFSET_HOLE) {
           const at = Number(body.readBigUInt64BE(0)) - p.offset;
-          body.copy(p.data!, at, 8);
-        } else if (cur.type === REPLY_TYPE_OFFSET_HOLE) {
-          // p.data is zero-filled already
+          const len = cur.type === REPLY_TYPE_OFFSET_DATA ? body.length - 8 : body.readUInt32BE(8);
+          if (!p.data || at < 0 || at + len > p.length) { this.protocolError(`NBD read chunk outside its request (${at}+${len} of ${p.length})`); return; }
+          if (cur.type === REPLY_TYPE_OFFSET_DATA) body.copy(p.data, at, 8); // a hole: p.data is zero-filled already
+          p.covered += len;
         } else if (cur.type === REPLY_TYPE_BLOCK_STATUS) {
           if (body.readUInt32BE(0) === this.allocationContext) {
             let at = p.offset;
@@ -252,6 +269,9 @@ export class NbdClient {
       this.current = null;
       if (cur.flags & REPLY_FLAG_DONE) {
         this.pending.delete(cur.handle);
+        clearTimeout(p.timer);
+        // A structured read must cover its whole range (else the gap would read as zeroes).
+        if (!p.error && cur.structured && p.cmd === CMD_READ && p.covered !== p.length) p.error = `read of ${p.length} bytes answered for ${p.covered}`;
         if (p.error) p.reject(new NbdError(`NBD request failed: ${p.error}`)); else p.resolve(p);
       }
     }

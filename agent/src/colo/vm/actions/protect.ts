@@ -3,6 +3,7 @@
 import { randomUUID } from 'node:crypto';
 import { checkpointDelay } from '../../../config/load.ts';
 import { FtkvmError, errorMessage } from '../../../util/errors.ts';
+import { PeerRpcError } from '../../../peer/client.ts';
 import { vmPorts } from '../../ports.ts';
 import * as seq from '../../sequences.ts';
 import type { VmCore } from '../core.ts';
@@ -27,7 +28,7 @@ export async function protect(c: VmCore, why: string): Promise<void> {
   const mode = c.d.config.colo.resync === 'checksum' && !c.resyncFallback ? 'checksum' : 'full';
   if (c.d.config.colo.resync === 'checksum' && mode === 'full') c.log.warn('full disk copy this time: the last checksum resync failed', { why: c.resyncFallback });
   c.setState('syncing', `building a replica on ${c.d.config.peer.name} (attempt ${attempt}, ${mode} resync): ${why}`);
-  c.resync = { mode, phase: 'preparing-secondary', plannedBytes: null, bytesDone: 0, bytesTotal: 0, rateBytesPerS: 0, etaS: null, startedAt: t0, attempt };
+  c.resync = { mode, phase: 'preparing-secondary', plannedBytes: null, bytesDone: 0, bytesTotal: 0, rateBytesPerS: 0, etaS: null, startedAt: c.d.clock.now(), attempt };
   const a = primaryAddrs(c);
   let stoppedByUs = false;
   try {
@@ -76,7 +77,9 @@ export async function protect(c: VmCore, why: string): Promise<void> {
   } catch (e) {
     const msg = errorMessage(e);
     c.protectFailures++;
-    if (mode === 'checksum') c.resyncFallback = msg;
+    // The next attempt copies the whole disk if the checksum resync itself failed; not when the
+    // peer was busy, stale or unreachable (a full copy would not have fared better).
+    if (mode === 'checksum' && !(e instanceof PeerRpcError && (e.status === null || e.status === 409))) c.resyncFallback = msg;
     const backoff = Math.min(c.d.config.colo.resync_retry_min_ms * 2 ** (c.protectFailures - 1), c.d.config.colo.resync_retry_max_ms);
     c.nextProtectAt = c.d.clock.mono() + backoff;
     c.log.warn('protection failed; guest continues unprotected', { error: msg, retryInMs: backoff, resync: mode });
@@ -140,24 +143,35 @@ async function checksumSync(c: VmCore, q: seq.QmpLike, a: seq.PrimaryAddrs, size
   }
   await seq.checksumScanStop(q);
   c.resync = { ...c.resync!, phase: 'catching-up' };
-  // The guest kept writing: copy what it wrote, a few passes while it runs, until little is left.
-  for (let pass = 1; pass <= 3; pass++) {
+  // The guest kept writing: copy what it wrote, passes while it runs, as long as each leaves
+  // less behind; the rest is copied with the guest paused, so it must be small.
+  let dirty = Infinity;
+  for (let pass = 1; pass <= 10; pass++) {
     const r = await seq.backupDelta(q, a, 6 * 3600_000);
     c.d.metrics.resync(c.name, r.copiedBytes);
     c.resync = { ...c.resync!, plannedBytes: (c.resync!.plannedBytes ?? 0) + r.copiedBytes };
     c.log.info('checksum resync: writes since the scan copied', { pass, bytes: r.copiedBytes, dirtyAfter: r.dirtyAfter, sinceStartS: ((c.d.clock.mono() - t0) / 1000).toFixed(1) });
-    if (r.dirtyAfter <= 4 * chunk) break;
+    const shrinking = r.dirtyAfter < dirty;
+    dirty = r.dirtyAfter;
+    if (dirty <= 4 * chunk || !shrinking) break;
+  }
+  if (dirty > MAX_PAUSED_DELTA_BYTES) {
+    throw new FtkvmError('RESYNC_NOT_CONVERGING', `the guest writes faster than the checksum resync catches up (${dirty} bytes dirty after the last pass, more than ${MAX_PAUSED_DELTA_BYTES} to copy with the guest paused)`);
   }
 }
+
+/** The most a checksum resync copies with the guest paused before COLO starts (~0.5 s at 1 Gbit/s). */
+const MAX_PAUSED_DELTA_BYTES = 64 * 1024 * 1024;
 
 /** Whatever happened, the guest must not stay paused and no half-built replica may stay attached. */
 export async function cleanupAfterFailedProtect(c: VmCore, _stoppedByUs: boolean): Promise<void> {
   const q = c.qemu?.qmp;
-  void c.d.peer.call('POST', `/v1/peer/vms/${c.name}/release`, { reason: 'protection attempt failed', epoch: c.durable().primaryEpoch }, 3000).catch(() => undefined);
-  if (!q) return;
-  if (c.d.config.colo.resync === 'checksum') {
+  if (q && c.d.config.colo.resync === 'checksum') {
+    // Before the peer is told to release: a backup job still writing to its export must end first.
     await seq.checksumCleanup(q).catch((e) => c.log.error('cleanup of the checksum resync incomplete', { error: errorMessage(e) }));
   }
+  void c.d.peer.call('POST', `/v1/peer/vms/${c.name}/release`, { reason: 'protection attempt failed', epoch: c.durable().primaryEpoch }, 3000).catch(() => undefined);
+  if (!q) return;
   try {
     const mig = await q.execute<{ status?: string }>('query-migrate');
     if (mig.status && ['setup', 'active', 'device'].includes(mig.status)) await q.execute('migrate_cancel');
