@@ -142,7 +142,7 @@ function filledRegistry(): Metrics {
   m.setSnapshot(() => ({
     peerUp: true, heartbeatRejected: 1, heartbeatStale: 1, witnessUp: true,
     paths: [{ index: 0, address: '10.0.0.2', up: true, rttMs: 0.3 }],
-    vms: [{ name: 'web1', state: 'syncing', protected: false, epoch: 3, resyncRemaining: 1_000_000 }],
+    vms: [{ name: 'web1', state: 'syncing', protected: false, epoch: 3, resyncRemaining: 1_000_000, resyncMode: 'checksum', resyncPlanned: 2_000_000 }],
   }));
   m.checkpoint('web1', 40);
   m.failover('web1', 'primary-lost');
