@@ -5,7 +5,7 @@
 // drill.yml, check mode, and the bond profiles the network role writes without activating them.
 // The steps share one lab and run in order; the lab is removed at the end, even on failure.
 import test from 'ava';
-import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -287,6 +287,52 @@ step('check mode on the converged system reports no change', 4 * 60_000, async (
   for (const [h, x] of Object.entries(r.recap)) t.is(x.changed, 0, `${h}: ${explain(r)}`);
   t.is(await lab.exec('A', 'stat -c %Y /etc/ftkvm/agent.yaml /usr/local/bin/ftkvm-agent /etc/ftkvm/token'), before);
   t.log(`site.yml --check (converged): ${r.seconds.toFixed(1)} s`);
+});
+
+step('an agent upgrade with site.yml changes one host of the pair at a time; the guest serves throughout and protection returns in between', 8 * 60_000, async (t) => {
+  // The next version: the same executable with bytes appended (an ELF ignores them), so the
+  // role sees a new binary, installs it and restarts the agent.
+  const next = join(lab.dir, 'ftkvm-agent-next');
+  copyFileSync(agentCopy, next);
+  appendFileSync(next, '\n# next version\n');
+  const sha = createHash('sha256').update(readFileSync(next)).digest('hex');
+  writeLabInventory(lab, { agentBinary: next, vm: { name: VM, basePort: BASE_PORT, checkpointDelayMs: 2000 } });
+  await waitProtected(60_000);
+  const agentStart = async (h: 'A' | 'B') => Number((await lab.exec(h, 'systemctl show -p ExecMainStartTimestampMonotonic --value ftkvm-agent')).trim());
+  const before = { A: await agentStart('A'), B: await agentStart('B') };
+  // A client: one transaction every 100 ms for the whole upgrade.
+  const txns: { at: number; value: number }[] = [];
+  const errors: string[] = [];
+  let running = true;
+  const client = (async () => {
+    while (running) {
+      try { txns.push({ at: Date.now(), value: await guestInc(10_000) }); } catch (e) { errors.push((e as Error).message); }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  const r = await lab.playbook('playbooks/site.yml', ['-e', 'ftkvm_rolling_timeout=300'], 'upgrade');
+  running = false;
+  await client;
+  t.is(r.code, 0, explain(r));
+  const after = { A: await agentStart('A'), B: await agentStart('B') };
+  t.true(after.A > before.A && after.B > before.B, 'both agents restarted on the new binary');
+  for (const h of ['A', 'B'] as const) t.is((await lab.exec(h, 'sha256sum /usr/local/bin/ftkvm-agent')).split(' ')[0], sha, `host${h} runs the new binary`);
+  // One host at a time: the first host's VMs were seen protected again before the second play began.
+  const firstHost = after.A < after.B ? 'hostA' : 'hostB', secondHost = firstHost === 'hostA' ? 'hostB' : 'hostA';
+  const protectedAgain = r.output.indexOf(`rolling change of ${firstHost}: protected again: ${VM}`);
+  const secondPlay = r.output.indexOf('PLAY [Protected pairs, second host of each pair]');
+  t.true(protectedAgain >= 0 && secondPlay > protectedAgain, `${firstHost} protected again before ${secondHost} was touched`);
+  t.regex(r.output, new RegExp(`rolling change of ${secondHost}: protected again: ${VM}`));
+  t.true((Math.max(after.A, after.B) - Math.min(after.A, after.B)) / 1e6 > 1, 'the agents restarted at different times');
+  // The guest: every transaction answered, in order, none lost, never held longer than a checkpoint pause.
+  t.deepEqual(errors, []);
+  const values = txns.map((x) => x.value);
+  t.true(values.every((v, i) => i === 0 || v === values[i - 1]! + 1), `consecutive values: ${JSON.stringify(values.slice(0, 5))}…`);
+  const gaps = txns.slice(1).map((x, i) => x.at - txns[i]!.at);
+  const maxGap = Math.max(...gaps);
+  t.true(maxGap < 3000, `longest gap between answers ${maxGap} ms`);
+  await waitProtected(60_000);
+  t.log(`upgrade via site.yml: ${r.seconds.toFixed(1)} s, ${txns.length} transactions, longest gap ${maxGap} ms; agents restarted ${((Math.max(after.A, after.B) - Math.min(after.A, after.B)) / 1e6).toFixed(1)} s apart`);
 });
 
 step('ftkvm_network writes an active-backup bond without activating it, and refuses the management NIC', 3 * 60_000, async (t) => {
