@@ -27,7 +27,7 @@ export class ColoSequenceError extends FtkvmError {
 
 const inet = (host: string, port: number) => ({ type: 'inet', data: { host, port: String(port) } });
 
-async function step<T>(name: string, f: () => Promise<T>): Promise<T> {
+export async function step<T>(name: string, f: () => Promise<T>): Promise<T> {
   try {
     return await f();
   } catch (e) {
@@ -42,7 +42,7 @@ async function hmpChecked(q: QmpLike, cmd: string): Promise<void> {
   if (out) throw new Error(`HMP "${cmd.split(' ')[0]}": ${out}`);
 }
 
-async function ignoreMissing(f: () => Promise<unknown>): Promise<void> {
+export async function ignoreMissing(f: () => Promise<unknown>): Promise<void> {
   try { await f(); } catch (e) {
     // Cleanup is idempotent: an object that is already gone is fine.
     if (e instanceof QmpCommandError && /not found|No such|does not exist|Cannot find|not a child|not running/i.test(e.desc)) return;
@@ -93,7 +93,7 @@ export interface PrimaryAddrs {
 
 export interface MirrorProgress { offset: number; len: number; ready: boolean }
 
-interface BlockJob { device: string; len: number; offset: number; ready: boolean; status?: string }
+interface BlockJob { device: string; len: number; offset: number; ready: boolean; status?: string; error?: string }
 
 async function blockJob(q: QmpLike, id: string): Promise<BlockJob | undefined> {
   const jobs = await q.execute<BlockJob[]>('query-block-jobs');
@@ -176,6 +176,12 @@ export async function primaryAttachReplication(q: QmpLike, a: PrimaryAddrs): Pro
   await step('x-blockdev-change add', () => q.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' }));
 }
 
+/** Is there a block node of this name (flat: QEMU >= 5.0 also lists implicit nodes)? */
+export async function hasNode(q: QmpLike, name: string): Promise<boolean> {
+  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true }).catch(() => q.execute<{ 'node-name': string }[]>('query-named-block-nodes'));
+  return nodes.some((n) => n['node-name'] === name);
+}
+
 async function hasObject(q: QmpLike, id: string): Promise<boolean> {
   const list = await q.execute<{ name: string }[]>('qom-list', { path: '/objects' });
   return list.some((o) => o.name === id);
@@ -243,8 +249,7 @@ export async function primaryDropSecondary(q: QmpLike, opts: { inColo: boolean }
   await step('cancel resync', () => cancelMirror(q));
   const child = await step('find replication child', () => replicationChildName(q));
   if (child) await step('x-blockdev-change del', () => q.execute('x-blockdev-change', { parent: 'colo-disk0', child }));
-  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true }).catch(() => q.execute<{ 'node-name': string }[]>('query-named-block-nodes'));
-  if (nodes.some((n) => n['node-name'] === 'replication0')) await step('drive_del replication0', () => hmpChecked(q, 'drive_del replication0'));
+  if (await hasNode(q, 'replication0')) await step('drive_del replication0', () => hmpChecked(q, 'drive_del replication0'));
   for (const id of ['comp0', 'iothread1', 'm0', 'redire0', 'redire1']) {
     await step(`object-del ${id}`, async () => { if (await hasObject(q, id)) await q.execute('object-del', { id }); });
   }
@@ -297,8 +302,7 @@ async function dirtyBytes(q: QmpLike): Promise<number> {
  */
 export async function backupDelta(q: QmpLike, a: PrimaryAddrs, timeoutMs: number): Promise<{ copiedBytes: number; dirtyAfter: number }> {
   const copied = await dirtyBytes(q);
-  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
-  if (!nodes.some((n) => n['node-name'] === RESYNC_TARGET)) {
+  if (!(await hasNode(q, RESYNC_TARGET))) {
     await step('blockdev-add resync target', () => q.execute('blockdev-add', {
       driver: 'nbd', 'node-name': RESYNC_TARGET, server: { type: 'inet', host: a.peer, port: String(a.ports.nbd) }, export: 'parent0',
     }));
@@ -308,7 +312,7 @@ export async function backupDelta(q: QmpLike, a: PrimaryAddrs, timeoutMs: number
   }));
   const t0 = performance.now();
   for (;;) {
-    const job = (await q.execute<{ device: string; status: string; error?: string }[]>('query-block-jobs')).find((j) => j.device === 'resync');
+    const job = await blockJob(q, 'resync');
     if (!job) throw new ColoSequenceError('blockdev-backup', 'the backup job vanished');
     if (job.status === 'concluded') {
       await step('block-job-dismiss', () => q.execute('block-job-dismiss', { id: 'resync' }));
@@ -325,7 +329,6 @@ export async function backupDelta(q: QmpLike, a: PrimaryAddrs, timeoutMs: number
 export async function checksumCleanup(q: QmpLike): Promise<void> {
   await cancelMirror(q);
   await checksumScanStop(q);
-  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
-  if (nodes.some((n) => n['node-name'] === RESYNC_TARGET)) await step('blockdev-del resync target', () => q.execute('blockdev-del', { 'node-name': RESYNC_TARGET }));
+  if (await hasNode(q, RESYNC_TARGET)) await step('blockdev-del resync target', () => q.execute('blockdev-del', { 'node-name': RESYNC_TARGET }));
   await step('block-dirty-bitmap-remove', () => ignoreMissing(() => q.execute('block-dirty-bitmap-remove', { node: 'colo-disk0', name: RESYNC_BITMAP })));
 }

@@ -144,11 +144,7 @@ export class Fencer {
       // hung agent continued, or it fenced and the witness came back). Thaw, or its QMP commands
       // to the stopped QEMU hang and nobody thaws it while the agent does the renewing (seed 187:
       // guest paused for good after the witness returned).
-      if (!k.lost && agentNow !== null && now < agentNow && this.d.alive(k.pid, k.startTicks)) {
-        this.d.signal(k.pid, 'SIGCONT');
-        k.frozen = false;
-        this.d.log('warn', 'thawed the primary QEMU (SIGCONT): the agent renewed its lease', { vm, pid: k.pid, epoch: k.epoch });
-      }
+      if (!k.lost && agentNow !== null && now < agentNow) this.thaw(vm, k, 'the agent renewed its lease');
       return;
     }
     // The agent's word, if recent: it heard the peer within about two intervals of writing it (a
@@ -178,6 +174,14 @@ export class Fencer {
     this.d.log('error', 'FROZE the primary QEMU (SIGSTOP): the lease cannot be proven and the agent vouches for no live peer', { vm, pid: k.pid, epoch: k.epoch, why, agentLastPulseMsAgo: agentAge });
   }
 
+  /** A renewal (ours or the agent's) proved the lease ours: SIGCONT what we froze, if it still runs. */
+  private thaw(vm: string, k: Kept, why: string): void {
+    if (!this.d.alive(k.pid, k.startTicks)) return;
+    this.d.signal(k.pid, 'SIGCONT');
+    k.frozen = false;
+    this.d.log('warn', `thawed the primary QEMU (SIGCONT): ${why}`, { vm, pid: k.pid, epoch: k.epoch });
+  }
+
   private async renew(vm: string, k: Kept, w: FencerWitness): Promise<void> {
     k.renewing = true;
     const sentAt = this.d.mono();
@@ -189,11 +193,7 @@ export class Fencer {
       if (a.granted) {
         k.validUntil = sentAt + w.leaseMs - marginMs(w.leaseMs);
         k.lost = null;
-        if (k.frozen && this.d.alive(k.pid, k.startTicks)) {
-          this.d.signal(k.pid, 'SIGCONT');
-          k.frozen = false;
-          this.d.log('warn', 'thawed the primary QEMU (SIGCONT): the witness renewed its lease', { vm, pid: k.pid, epoch });
-        }
+        if (k.frozen) this.thaw(vm, k, 'the witness renewed its lease');
       } else if (a.holder !== w.node && a.epoch >= epoch) {
         k.lost = `${a.holder} holds epoch ${a.epoch}`;
       } else if (a.holder === w.node && a.epoch > epoch) {

@@ -8,6 +8,13 @@ import { STATE_ZERO, type NbdClient } from './client.ts';
 
 export const DIGEST_BYTES = 16;
 
+/** Runs f(0) .. f(count-1) with at most `inflight` running at once (NBD requests in flight). */
+async function inParallel(count: number, inflight: number, f: (i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  const worker = async () => { for (let i = next++; i < count; i = next++) await f(i); };
+  await Promise.all(Array.from({ length: Math.min(inflight, Math.max(1, count)) }, worker));
+}
+
 export interface ScanProgress { doneBytes: number; totalBytes: number }
 
 /**
@@ -50,20 +57,20 @@ export async function chunkDigests(src: NbdClient, chunkBytes: number, onProgres
   const n = Math.ceil(src.size / chunkBytes);
   const out = Buffer.alloc(n * DIGEST_BYTES);
   const zero = await zeroChunks(src, chunkBytes);
-  let next = 0, done = 0;
-  const worker = async () => {
-    for (;;) {
-      const i = next++;
-      if (i >= n) return;
-      const off = i * chunkBytes, len = Math.min(chunkBytes, src.size - off);
-      if (zero[i]) zeroDigest(len).copy(out, i * DIGEST_BYTES);
-      else createHash('sha256').update(await src.read(off, len)).digest().copy(out, i * DIGEST_BYTES, 0, DIGEST_BYTES);
-      done += len;
-      onProgress?.({ doneBytes: done, totalBytes: src.size });
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(inflight, Math.max(1, n)) }, worker));
+  let done = 0;
+  await inParallel(n, inflight, async (i) => {
+    const off = i * chunkBytes, len = Math.min(chunkBytes, src.size - off);
+    if (zero[i]) zeroDigest(len).copy(out, i * DIGEST_BYTES);
+    else createHash('sha256').update(await src.read(off, len)).digest().copy(out, i * DIGEST_BYTES, 0, DIGEST_BYTES);
+    done += len;
+    onProgress?.({ doneBytes: done, totalBytes: src.size });
+  });
   return out;
+}
+
+/** The bytes these chunks cover on a disk of `size` (the last chunk may be short). */
+export function chunkBytesOf(chunks: number[], chunkBytes: number, size: number): number {
+  return chunks.reduce((s, i) => s + Math.min(chunkBytes, size - i * chunkBytes), 0);
 }
 
 /** Indices of the chunks whose digests differ (both lists of the same disk size and chunk). */
@@ -79,20 +86,15 @@ export function differingChunks(a: Buffer, b: Buffer): number[] {
 /** Copies these chunks from src to dst (same size), several in flight, then flushes dst. */
 export async function copyChunks(src: NbdClient, dst: NbdClient, chunks: number[], chunkBytes: number, onProgress?: (p: ScanProgress) => void, inflight = 4): Promise<number> {
   if (src.size !== dst.size) throw new Error(`export sizes differ: ${src.size} vs ${dst.size}`);
-  const total = chunks.reduce((s, i) => s + Math.min(chunkBytes, src.size - i * chunkBytes), 0);
-  let next = 0, done = 0;
-  const worker = async () => {
-    for (;;) {
-      const k = next++;
-      if (k >= chunks.length) return;
-      const off = chunks[k]! * chunkBytes;
-      const data = await src.read(off, Math.min(chunkBytes, src.size - off));
-      await dst.write(off, data);
-      done += data.length;
-      onProgress?.({ doneBytes: done, totalBytes: total });
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(inflight, Math.max(1, chunks.length)) }, worker));
+  const total = chunkBytesOf(chunks, chunkBytes, src.size);
+  let done = 0;
+  await inParallel(chunks.length, inflight, async (k) => {
+    const off = chunks[k]! * chunkBytes;
+    const data = await src.read(off, Math.min(chunkBytes, src.size - off));
+    await dst.write(off, data);
+    done += data.length;
+    onProgress?.({ doneBytes: done, totalBytes: total });
+  });
   await dst.flush();
   return done;
 }

@@ -10,7 +10,7 @@ import type { VmCore } from '../core.ts';
 import type { PrepareAnswer, PrepareRequest } from '../types.ts';
 import { join } from 'node:path';
 import { NbdClient } from '../../../nbd/client.ts';
-import { chunkDigests, copyChunks, differingChunks } from '../../../nbd/checksums.ts';
+import { chunkBytesOf, chunkDigests, copyChunks, differingChunks } from '../../../nbd/checksums.ts';
 
 export function primaryAddrs(c: VmCore): seq.PrimaryAddrs {
   return { local: c.d.config.node.replication_address, peer: c.d.config.peer.replication_address, ports: vmPorts(c.d.vm.base_port) };
@@ -131,7 +131,7 @@ async function checksumSync(c: VmCore, q: seq.QmpLike, a: seq.PrimaryAddrs, size
     ]);
     if (!answer.digests) throw new FtkvmError('RESYNC_NO_DIGESTS', `${c.d.config.peer.name} did not digest its disk (an older agent?)`);
     const diff = differingChunks(mine, Buffer.from(answer.digests, 'base64'));
-    const planned = diff.reduce((s, i) => s + Math.min(chunk, size - i * chunk), 0);
+    const planned = chunkBytesOf(diff, chunk, size);
     c.log.info('checksum resync: digests compared', { chunks: Math.ceil(size / chunk), differing: diff.length, plannedBytes: planned, diskBytes: size, digestMs: Math.round(c.d.clock.mono() - tDigest) });
     c.resync = { ...c.resync!, phase: 'copying', plannedBytes: planned, bytesDone: 0, bytesTotal: planned };
     dst = await NbdClient.connect({ host: a.peer, port: a.ports.nbd }, 'parent0');
