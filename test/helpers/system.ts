@@ -1,6 +1,7 @@
 // Shared scaffolding for system tests: a fresh pair per test, logs attached on failure.
 import type { ExecutionContext } from 'ava';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { AgentPair, type PairOptions } from '../../lab/pair.ts';
 import { sweepStaleTestbeds } from '../../lab/netns.ts';
 import { openObservers } from '../../lab/traffic.ts';
@@ -18,6 +19,15 @@ export async function withPair<T>(t: ExecutionContext, index: number, o: PairOpt
       let text = '';
       try { text = readFileSync(p.agentLog(h), 'utf8'); } catch { /* none */ }
       t.log(`---- agent ${h} log (last 60 lines)\n` + text.split('\n').filter((l) => !/ debug /.test(l)).slice(-60).join('\n'));
+      // The whole log (debug lines too) for a failure that is hard to reproduce.
+      const keep = process.env.FTKVM_TEST_LOG_DIR;
+      if (keep) { mkdirSync(keep, { recursive: true }); writeFileSync(join(keep, `${t.title.slice(0, 40).replace(/\W+/g, '-')}-${Date.now()}-agent${h}.log`), text); }
+    }
+    // The guests' consoles: was the guest alive (ticks) and serving (txn lines) when it failed?
+    for (const h of ['A', 'B'] as const) for (const vm of p.o.vms) {
+      let text = '';
+      try { text = readFileSync(p.serialLog(h, vm.name), 'utf8'); } catch { continue; }
+      t.log(`---- ${vm.name} console on ${h} (last 8 lines)\n` + text.replace(/\r/g, '').split('\n').filter(Boolean).slice(-8).join('\n'));
     }
     // For debugging by hand: keep the failed pair (agents, QEMUs, namespaces) up for a while.
     const holdS = Number(process.env.FTKVM_TEST_HOLD_S ?? 0);

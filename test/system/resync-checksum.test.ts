@@ -33,6 +33,12 @@ async function disksIdentical(p: AgentPair, prim: H): Promise<{ identical: boole
   throw new Error('no quiet moment for the comparison in 5 tries');
 }
 
+/** What the client saw, for a failure message: how many transactions, the last one, its errors. */
+function clientState(c: TxnClient): string {
+  const last = c.txns.at(-1);
+  return `${c.txns.length} acknowledged, last ${last ? `${last.value} at ${new Date(last.ackAt).toISOString()}` : 'none'}, errors ${JSON.stringify(c.errors)}`;
+}
+
 /** The last "digests compared" line of a host's agent log at or after `since`. */
 function resyncLine(p: AgentPair, h: H, since: number): { planned: number; disk: number } | null {
   const r = spawnSync('grep', ['-h', 'checksum resync: digests compared', p.agentLog(h)], { encoding: 'utf8' });
@@ -54,7 +60,7 @@ test('checksum resync through three failovers: only what differs crosses the lin
     await client.open();
     client.start();
     for (let round = 1; round <= 3; round++) {
-      await waitUntil(() => client.txns.length >= round * 20 || undefined, 60_000, `transactions before round ${round}`);
+      await waitUntil(() => client.txns.length >= round * 20 || undefined, 60_000, () => `transactions before round ${round} (${clientState(client)})`);
       const sec = other(prim);
       const killedAt = Date.now();
       p.killQemu(prim, 'db'); // as a drill does: the primary's QEMU crashes
@@ -69,7 +75,7 @@ test('checksum resync through three failovers: only what differs crosses the lin
     }
     // The returning host's disk replaced by an empty one: everything non-zero differs and is copied.
     const sec = other(prim);
-    await waitUntil(() => client.txns.length >= 80 || undefined, 60_000, 'transactions before the replaced-disk round');
+    await waitUntil(() => client.txns.length >= 80 || undefined, 60_000, () => `transactions before the replaced-disk round (${clientState(client)})`);
     p.killAgent(sec); p.killQemu(sec, 'db');
     await waitUntil(async () => (await p.vmStatus(prim, 'db'))?.state === 'standalone' || undefined, 60_000, `${prim} runs unprotected`);
     execFileSync('truncate', ['-s', '0', img(p, sec)]);
