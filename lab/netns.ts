@@ -6,6 +6,8 @@
 //     hostA ns ftA<i>: eth-mgmt 10.202.<i>.1  eth-repl 10.201.<i>.1   br0 {tap of the VM, uplink}
 //     hostB ns ftB<i>: eth-mgmt 10.202.<i>.2  eth-repl 10.201.<i>.2   br0 {tap of the VM, uplink}
 //     witness ns ftW<i>: eth-mgmt 10.202.<i>.254
+//     DR host ns ftD<i>:  eth-mgmt 10.202.<i>.253                        br0 {tap of a DR copy, uplink}
+//       (the DR site: its guest bridge reaches the same LAN, as a stretched VLAN would)
 //
 // Links are cut with nft in the switch namespace (bridge family, forward hook: frames dropped
 // silently, no carrier change — like a dead switch port or a firewall mistake). This kernel has
@@ -19,7 +21,7 @@ const run = promisify(execFile);
 // @vercel/nft (an ava dependency) that exits 0 without touching the firewall.
 const NFT = '/usr/sbin/nft';
 
-export type HostId = 'A' | 'B' | 'W';
+export type HostId = 'A' | 'B' | 'W' | 'D';
 export type Link = 'repl' | 'mgmt';
 
 export interface HostAddrs { repl: string; mgmt: string }
@@ -27,7 +29,7 @@ export interface HostAddrs { repl: string; mgmt: string }
 export class NetnsTestbed {
   readonly i: number;
   readonly ns: Record<HostId | 'S', string>;
-  readonly addr: Record<'A' | 'B', HostAddrs> & { W: { mgmt: string } };
+  readonly addr: Record<'A' | 'B', HostAddrs> & { W: { mgmt: string }; D: { mgmt: string } };
   readonly controller: string;
   readonly lanClient: string;
   readonly lanPrefix: string;
@@ -37,18 +39,19 @@ export class NetnsTestbed {
   constructor(i: number) {
     if (!Number.isInteger(i) || i < 0 || i > 99) throw new Error('testbed index 0..99');
     this.i = i;
-    this.ns = { A: `ftA${i}`, B: `ftB${i}`, W: `ftW${i}`, S: `ftS${i}` };
+    this.ns = { A: `ftA${i}`, B: `ftB${i}`, W: `ftW${i}`, D: `ftD${i}`, S: `ftS${i}` };
     this.addr = {
       A: { repl: `10.201.${i}.1`, mgmt: `10.202.${i}.1` },
       B: { repl: `10.201.${i}.2`, mgmt: `10.202.${i}.2` },
       W: { mgmt: `10.202.${i}.254` },
+      D: { mgmt: `10.202.${i}.253` },
     };
     this.controller = `10.202.${i}.100`;
     this.lanPrefix = `192.168.${100 + i}`;
     this.lanClient = `${this.lanPrefix}.100`;
   }
 
-  hostLanIp(h: 'A' | 'B'): string { return `${this.lanPrefix}.${h === 'A' ? 1 : 2}`; }
+  hostLanIp(h: 'A' | 'B' | 'D'): string { return `${this.lanPrefix}.${h === 'A' ? 1 : h === 'B' ? 2 : 3}`; }
 
   /** Guest address n on the shared LAN (tests give each VM one). */
   guestIp(n = 10): string { return `${this.lanPrefix}.${n}`; }
@@ -61,8 +64,8 @@ export class NetnsTestbed {
     // Claimed while up: a sweep by another run (a bench next to the tests) leaves it alone.
     mkdirSync(OWNERS, { recursive: true });
     writeFileSync(`${OWNERS}/${this.i}`, String(process.pid));
-    const { A, B, W, S } = this.ns;
-    for (const n of [A, B, W, S]) { await this.ip('netns', 'add', n); await this.nsip(n, 'link', 'set', 'lo', 'up'); }
+    const { A, B, W, D, S } = this.ns;
+    for (const n of [A, B, W, D, S]) { await this.ip('netns', 'add', n); await this.nsip(n, 'link', 'set', 'lo', 'up'); }
     for (const br of ['br-mgmt', 'br-repl', 'br-lan']) {
       await this.nsip(S, 'link', 'add', br, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0');
       await this.nsip(S, 'link', 'set', br, 'up');
@@ -73,10 +76,10 @@ export class NetnsTestbed {
       if (cidr) await this.nsip(ns, 'addr', 'add', cidr, 'dev', inner);
       await this.nsip(ns, 'link', 'set', inner, 'up');
     };
-    for (const h of ['A', 'B'] as const) {
+    for (const h of ['A', 'B', 'D'] as const) {
       const ns = this.ns[h];
       await plug(ns, 'eth-mgmt', `${h}-m`, 'br-mgmt', `${this.addr[h].mgmt}/24`);
-      await plug(ns, 'eth-repl', `${h}-r`, 'br-repl', `${this.addr[h].repl}/24`);
+      if (h !== 'D') await plug(ns, 'eth-repl', `${h}-r`, 'br-repl', `${this.addr[h].repl}/24`);
       // guest bridge on the host, uplinked to the shared LAN
       await this.nsip(ns, 'link', 'add', this.guestBridge, 'type', 'bridge', 'stp_state', '0', 'forward_delay', '0');
       await this.nsip(ns, 'link', 'set', this.guestBridge, 'up');
@@ -183,7 +186,7 @@ function inUse(i: string): boolean {
 export async function sweepStaleTestbeds(): Promise<void> {
   const { stdout } = await run('ip', ['netns', 'list']);
   for (const line of stdout.split('\n')) {
-    const m = /^ft[ABWS](\d+)$/.exec(line.split(' ')[0] ?? '');
+    const m = /^ft[ABWSD](\d+)$/.exec(line.split(' ')[0] ?? '');
     if (m && !inUse(m[1]!)) await run('ip', ['netns', 'del', m[0]]).catch(() => undefined);
   }
   const links = (await run('ip', ['-o', 'link', 'show'])).stdout;

@@ -23,7 +23,7 @@ export const TOKEN = 'test-token-0123456789abcdef';
 export const HEARTBEAT_KEY = 'lab-pair-heartbeat-key-0123456789';
 export const LAB_PAIR = 'lab';
 /** Each host's own token at the witness. */
-export const witnessToken = (h: 'A' | 'B' | 'X') => `witness-token-of-host${h}-0123456789`;
+export const witnessToken = (h: 'A' | 'B' | 'D' | 'X') => `witness-token-of-host${h}-0123456789`;
 /** hostX: a node of another pair at the same witness (the tests use its credentials as an intruder's). */
 export const OTHER_PAIR = 'otherpair';
 
@@ -47,6 +47,8 @@ export interface PairOptions {
   randomDiskMib?: number;
   /** Raw sparse disk images of sizeMib whose first filledMib hold random data (bench/reprotect). */
   sparseDisk?: { sizeMib: number; filledMib: number };
+  /** Disaster recovery: every VM ships recovery points to `ftkvm-agent dr-target` on the DR host (startDrTarget). */
+  dr?: { intervalS: number; keep?: number; bandwidthMbit?: number };
 }
 
 export class AgentPair {
@@ -56,6 +58,7 @@ export class AgentPair {
   private agents: Partial<Record<H, ChildProcess>> = {};
   private witnessProc: ChildProcess | undefined;
   private etcd: EtcdCluster | undefined;
+  private drProc: ChildProcess | undefined;
 
   constructor(index: number, o: PairOptions) {
     this.tb = new NetnsTestbed(index);
@@ -123,10 +126,56 @@ export class AgentPair {
           base_port: v.basePort,
           preferred_primary: `host${v.preferred ?? 'A'}`,
           probe: { address: this.tb.guestIp(v.guestIp), port: 7000, request: 'inc', counter: true, ...v.probe },
+          ...(this.o.dr ? { dr: { target: this.drUrl(), token_file: join(d, 'token'), interval_s: this.o.dr.intervalS, keep: this.o.dr.keep ?? 4, ...(this.o.dr.bandwidthMbit ? { bandwidth_mbit: this.o.dr.bandwidthMbit } : {}) } } : {}),
         })),
       };
       writeFileSync(this.configPath(h), stringify(cfg));
     }
+  }
+
+  drDir(): string { return join(this.dir, 'D'); }
+  drUrl(): string { return `http://${this.tb.addr.D.mgmt}:7610`; }
+  drLog(): string { return join(this.drDir(), 'dr-target.log'); }
+
+  /** `ftkvm-agent dr-target` on the DR host (netns D): the pair's VMs, booted there on its br0 (the same LAN). */
+  startDrTarget(): ChildProcess {
+    const d = this.drDir(), g = testGuest();
+    mkdirSync(d, { recursive: true });
+    writeFileSync(join(d, 'token'), TOKEN + '\n', { mode: 0o600 });
+    writeFileSync(join(d, 'witness-token'), witnessToken('D') + '\n', { mode: 0o600 });
+    const cfg = {
+      node: { name: 'hostD' },
+      listen: `${this.tb.addr.D.mgmt}:7610`,
+      token_file: join(d, 'token'),
+      data_dir: join(d, 'data'),
+      qemu: { accelerator: 'tcg' },
+      ...(this.o.witness && this.o.witnessBackend !== 'etcd' ? { witness: { url: `http://${this.tb.addr.W.mgmt}:7490`, token_file: join(d, 'witness-token'), lease_ms: this.o.leaseMs ?? 2000 } } : {}),
+      log_level: 'debug',
+      vms: this.o.vms.map((v) => ({
+        name: v.name, memory_mib: v.memoryMib ?? 256, vcpus: v.vcpus ?? 1,
+        boot: { kernel: g.kernel, initrd: g.initrd, append: `${g.append} ftkvm.ip=${this.tb.guestIp(v.guestIp)}/24${v.extraAppend ? ' ' + v.extraAppend : ''}` },
+        nic: { bridge: this.tb.guestBridge, mac: v.mac ?? `52:54:00:77:${(v.guestIp & 0xff).toString(16).padStart(2, '0')}:10` },
+        // 'get' reads the durable counter: a probe changes nothing in the copy it checks
+        probe: { address: this.tb.guestIp(v.guestIp), port: 7000, request: 'get' },
+      })),
+    };
+    writeFileSync(join(d, 'dr-target.yaml'), stringify(cfg));
+    const out = openSync(this.drLog(), 'a');
+    this.drProc = this.tb.spawnIn('D', AGENT_BIN, ['dr-target', '--config', join(d, 'dr-target.yaml')], { stdio: ['ignore', out, out] });
+    closeSync(out);
+    return this.drProc;
+  }
+
+  killDrTarget(): void { this.drProc?.kill('SIGKILL'); this.drProc = undefined; }
+
+  /** A call to the DR target's API with the lab token. */
+  async drCall<T = any>(method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = 10_000): Promise<{ status: number; json: T }> {
+    const r = await request(`${this.drUrl()}${path}`, {
+      method, headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body), headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
+    });
+    const text = await r.body.text();
+    return { status: r.statusCode, json: (text ? JSON.parse(text) : undefined) as T };
   }
 
   /** The lab's etcd (witnessBackend 'etcd'): 3 members on the witness's management address. */
@@ -144,7 +193,7 @@ export class AgentPair {
     }
     const out = openSync(join(d, 'witness.log'), 'a');
     // Per-node identity, as the roles set it up: the witness knows each host's token by its digest.
-    writeFileSync(join(d, 'credentials.yml'), 'nodes:\n' + (['A', 'B', 'X'] as const).map((h) => `  host${h}: {pair: ${h === 'X' ? OTHER_PAIR : LAB_PAIR}, token_sha256: ${sha256(witnessToken(h))}}\n`).join(''));
+    writeFileSync(join(d, 'credentials.yml'), 'nodes:\n' + (['A', 'B', 'D', 'X'] as const).map((h) => `  host${h}: {pair: ${h === 'X' ? OTHER_PAIR : LAB_PAIR}, token_sha256: ${sha256(witnessToken(h))}}\n`).join(''));
     this.witnessProc = this.tb.spawnIn('W', AGENT_BIN, ['witness', '--listen', `${this.tb.addr.W.mgmt}:7490`, '--data-dir', d, '--credentials', join(d, 'credentials.yml'), '--token-file', join(this.hostDir('A'), 'token')], { stdio: ['ignore', out, out] });
     closeSync(out);
   }
@@ -308,6 +357,7 @@ export class AgentPair {
   async teardown(): Promise<void> {
     for (const h of ['A', 'B'] as H[]) this.killHost(h);
     this.killWitness();
+    this.killDrTarget();
     // QEMUs spawned by killed agents: find them by their state dir on the command line.
     try { execFileSync('pkill', ['-9', '-f', `${this.dir}/`]); } catch { /* none */ }
     await new Promise((r) => setTimeout(r, 300));

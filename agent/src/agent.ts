@@ -30,6 +30,7 @@ import { OperationRegistry } from './ops/operations.ts';
 import { agentPulse, fencerControl } from './fence/publish.ts';
 import { fencerPaths, hrMono, writeControl, writePulse } from './fence/files.ts';
 import { ensureFencer } from './fence/process.ts';
+import { DrShipper } from './dr/shipper.ts';
 
 export interface AgentDeps {
   config: Config;
@@ -62,6 +63,7 @@ export class Agent {
   readonly log: Logger;
   readonly metrics = new Metrics();
   readonly controllers = new Map<string, VmController>();
+  private readonly shippers: DrShipper[] = [];
   private token = '';
   private store!: StateStore;
   private heartbeat!: HeartbeatService;
@@ -127,6 +129,13 @@ export class Agent {
         exec: this.d.exec, receivedBytes, clock: this.d.clock, log: this.log, metrics: this.metrics, agentStartMono: this.startMono,
       }));
     }
+    for (const vm of c.vms) {
+      if (!vm.dr) continue;
+      this.shippers.push(new DrShipper(this.controllers.get(vm.name)!.c, vm.dr, c.api.token_file, {
+        shipped: (v, s) => this.metrics.drShipped(v, s.mode, s.bytesShipped),
+        failed: (v) => this.metrics.drFailed(v),
+      }));
+    }
     this.metrics.setSnapshot(() => this.gaugeSnapshot());
     this.ops = new OperationRegistry({
       config: c, log: this.log.child('ops'), metrics: this.metrics, peer: this.peer,
@@ -147,6 +156,7 @@ export class Agent {
       rmSync(fencerPaths(c.state_dir).control, { force: true });
     }
     this.loop = setInterval(() => this.kick(), c.heartbeat.interval_ms);
+    for (const s of this.shippers) s.start();
     this.log.info('agent started', { node: c.node.name, peer: c.peer.name, vms: c.vms.length, version: VERSION, commit: COMMIT, api: c.api.listen });
   }
 
@@ -226,6 +236,7 @@ export class Agent {
     if (this.loop) clearInterval(this.loop);
     this.heartbeat?.stop();
     this.gate?.stop();
+    await Promise.all(this.shippers.map((s) => s.stop().catch(() => undefined)));
     for (const v of this.controllers.values()) v.detach();
     await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
     this.server?.closeAllConnections?.();
@@ -253,6 +264,9 @@ export class Agent {
       const s = v.status();
       if (!v.isProtected()) problems.push({ subject: `vm/${s.name}`, reason: `${s.state} (${s.role}): ${s.reason}` });
       if (s.sick) problems.push({ subject: `vm/${s.name}`, reason: `replica not trusted: ${s.sick}` });
+      if (s.dr?.shipping) {
+        if (s.dr.rpoS === null || s.dr.rpoS > s.dr.rpoTargetS) warnings.push({ subject: `dr/${s.name}`, reason: `${s.dr.rpoS === null ? 'no recovery point at the DR site yet' : `newest recovery point is ${s.dr.rpoS} s old`} (rpo_target_s ${s.dr.rpoTargetS})${s.dr.lastError ? `; last error: ${s.dr.lastError.message}` : ''}` });
+      }
       if (s.brokenDevices.length) problems.push({ subject: `vm/${s.name}`, reason: `virtio device broken in this node's QEMU: ${s.brokenDevices.join(', ')}` });
     }
     return { healthy: problems.length === 0, node: this.c.node.name, problems, warnings };
@@ -284,7 +298,8 @@ export class Agent {
       vms: [...this.controllers.values()].map((v) => {
         const s = v.status();
         return { name: s.name, state: s.state, protected: s.protected, epoch: s.epoch, resyncRemaining: s.resync ? s.resync.bytesTotal - s.resync.bytesDone : null,
-          resyncMode: s.resync?.mode ?? null, resyncPlanned: s.resync?.plannedBytes ?? null };
+          resyncMode: s.resync?.mode ?? null, resyncPlanned: s.resync?.plannedBytes ?? null,
+          drRpoS: s.dr?.shipping ? s.dr.rpoS : null, drRpoTargetS: s.dr?.shipping ? s.dr.rpoTargetS : null };
       }),
     };
   }

@@ -15,6 +15,8 @@ import { HELP, commandHelp } from './cli/help.ts';
 import { VERSION, COMMIT } from './version.ts';
 import { WitnessServer } from './witness/server.ts';
 import { runFencer } from './fence/process.ts';
+import { loadDrTargetConfig } from './dr/config.ts';
+import { DrTarget } from './dr/target.ts';
 
 const DEFAULT_CONFIG = '/etc/ftkvm/agent.yaml';
 
@@ -119,6 +121,19 @@ export async function main(argv: string[]): Promise<number> {
           process.on('SIGHUP', () => { try { w.reload(); } catch (e) { log.error('reload refused; the previous credentials stay in force', { error: errorMessage(e) }); } });
         });
       }
+      case 'dr-target': {
+        const path = o.config ?? '/etc/ftkvm/dr-target.yaml';
+        let cfg;
+        try { cfg = loadDrTargetConfig(path); } catch (e) { process.stderr.write(`ftkvm-agent dr-target: refusing to start: ${errorMessage(e)}\n`); return EXIT.USAGE; }
+        const log = createLogger({ component: 'dr-target', level: cfg.log_level });
+        const t = new DrTarget(cfg, log, realExec);
+        try { await t.start(); } catch (e) { process.stderr.write(`ftkvm-agent dr-target: cannot start: ${errorMessage(e)}\n`); await t.stop().catch(() => undefined); return EXIT.FAILURE; }
+        return await new Promise<number>((resolve) => {
+          const stop = () => void t.stop().then(() => resolve(EXIT.OK));
+          process.once('SIGTERM', stop);
+          process.once('SIGINT', stop);
+        });
+      }
       case 'fencer': {
         if (!o['state-dir']) { process.stderr.write('ftkvm-agent fencer: --state-dir DIR is required (the agent starts it)\n'); return EXIT.USAGE; }
         await runFencer(o['state-dir'], createLogger({ component: 'fencer' }));
@@ -137,5 +152,5 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || (process.argv[2] !== 'run' && process.argv[2] !== 'witness' && process.argv[2] !== 'fencer')) setTimeout(() => process.exit(code), 50).unref(); },
+main(process.argv.slice(2)).then((code) => { process.exitCode = code; if (code !== 0 || (process.argv[2] !== 'run' && process.argv[2] !== 'witness' && process.argv[2] !== 'fencer' && process.argv[2] !== 'dr-target')) setTimeout(() => process.exit(code), 50).unref(); },
   (e) => { process.stderr.write(`ftkvm-agent: ${errorMessage(e)}\n`); process.exit(EXIT.FAILURE); });

@@ -142,12 +142,14 @@ function filledRegistry(): Metrics {
   m.setSnapshot(() => ({
     peerUp: true, heartbeatRejected: 1, heartbeatStale: 1, witnessUp: true,
     paths: [{ index: 0, address: '10.0.0.2', up: true, rttMs: 0.3 }],
-    vms: [{ name: 'web1', state: 'syncing', protected: false, epoch: 3, resyncRemaining: 1_000_000, resyncMode: 'checksum', resyncPlanned: 2_000_000 }],
+    vms: [{ name: 'web1', state: 'syncing', protected: false, epoch: 3, resyncRemaining: 1_000_000, resyncMode: 'checksum', resyncPlanned: 2_000_000, drRpoS: 30, drRpoTargetS: 660 }],
   }));
   m.checkpoint('web1', 40);
   m.failover('web1', 'primary-lost');
   m.resync('web1', 4096);
   m.drill('web1', 'pass', 300, Date.now());
+  m.drShipped('web1', 'delta', 65536);
+  m.drFailed('web1');
   return m;
 }
 

@@ -30,14 +30,19 @@ export interface Ctx {
   params: Record<string, string>;
   query: URLSearchParams;
   body(): Promise<unknown>;
+  /** A PUT route's body as bytes (at most the route's rawBodyMax). */
+  raw(): Promise<Buffer>;
 }
 
-export type Reply = { status?: number; json?: unknown; text?: string; contentType?: string; headers?: Record<string, string> };
+/** `bytes` answers application/octet-stream (a binary reply); otherwise text or JSON. */
+export type Reply = { status?: number; json?: unknown; text?: string; bytes?: Buffer; contentType?: string; headers?: Record<string, string> };
 
 export interface Route {
-  method: 'GET' | 'POST';
+  method: 'GET' | 'POST' | 'PUT';
   path: string;           // e.g. /v1/vms/:name/drill
   access: Access;
+  /** PUT: the largest body (bytes, not JSON) the route takes; 413 above it. */
+  rawBodyMax?: number;
   handler(ctx: Ctx): Promise<Reply> | Reply;
 }
 
@@ -81,6 +86,14 @@ function principalOf(req: IncomingMessage, o: RouterOptions): unknown {
 }
 
 function readBody(req: IncomingMessage, limit: number): Promise<unknown> {
+  return readBytes(req, limit).then((buf) => {
+    const text = buf.toString('utf8');
+    if (!text.trim()) return {};
+    try { return JSON.parse(text) as unknown; } catch (e) { throw new HttpError(400, 'BAD_JSON', `request body is not valid JSON: ${errorMessage(e)}`); }
+  });
+}
+
+function readBytes(req: IncomingMessage, limit: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const declared = Number(req.headers['content-length'] ?? '0');
     if (declared > limit) { req.resume(); reject(new HttpError(413, 'BODY_TOO_LARGE', `request body larger than ${limit} bytes`)); return; }
@@ -91,11 +104,7 @@ function readBody(req: IncomingMessage, limit: number): Promise<unknown> {
       if (size > limit) { req.destroy(); reject(new HttpError(413, 'BODY_TOO_LARGE', `request body larger than ${limit} bytes`)); return; }
       chunks.push(c);
     });
-    req.on('end', () => {
-      const text = Buffer.concat(chunks).toString('utf8');
-      if (!text.trim()) { resolve({}); return; }
-      try { resolve(JSON.parse(text)); } catch (e) { reject(new HttpError(400, 'BAD_JSON', `request body is not valid JSON: ${errorMessage(e)}`)); }
-    });
+    req.on('end', () => resolve(Buffer.concat(chunks)));
     req.on('error', reject);
   });
 }
@@ -105,8 +114,9 @@ export function createRouter(routes: Route[], o: RouterOptions) {
   const readAllowed = o.readAllow ? cidrMatcher(o.readAllow) : () => true;
   const send = (res: ServerResponse, r: Reply) => {
     if (res.headersSent) return;
-    const body = r.text ?? JSON.stringify(r.json ?? {}, null, 2) + '\n';
-    res.writeHead(r.status ?? 200, { 'content-type': r.contentType ?? (r.text !== undefined ? 'text/plain; charset=utf-8' : 'application/json'), ...r.headers });
+    const body = r.bytes ?? r.text ?? JSON.stringify(r.json ?? {}, null, 2) + '\n';
+    const type = r.bytes ? 'application/octet-stream' : r.text !== undefined ? 'text/plain; charset=utf-8' : 'application/json';
+    res.writeHead(r.status ?? 200, { 'content-type': r.contentType ?? type, ...r.headers });
     res.end(body);
   };
   const fail = (res: ServerResponse, status: number, code: string, message: string, details?: unknown, headers?: Record<string, string>) =>
@@ -139,8 +149,14 @@ export function createRouter(routes: Route[], o: RouterOptions) {
         try { params[k] = decodeURIComponent(m[i + 1]!); } catch { return fail(res, 400, 'BAD_PATH', `malformed percent-encoding in ${k}`); }
       }
       let bodyP: Promise<unknown> | undefined;
-      const ctx: Ctx = { req, principal, params, query, body: () => (bodyP ??= readBody(req, o.maxBodyBytes)) };
+      let rawP: Promise<Buffer> | undefined;
+      const ctx: Ctx = {
+        req, principal, params, query,
+        body: () => (bodyP ??= readBody(req, o.maxBodyBytes)),
+        raw: () => (rawP ??= readBytes(req, route.rawBodyMax ?? o.maxBodyBytes)),
+      };
       if (req.method === 'POST') await ctx.body(); // enforce limits and syntax even when the handler ignores the body
+      else if (req.method === 'PUT') await ctx.raw();
       else req.resume();
       send(res, await route.handler(ctx));
     } catch (e) {

@@ -12,7 +12,7 @@ export interface GaugeSnapshot {
   heartbeatStale: number;
   paths: { index: number; address: string; up: boolean; rttMs: number | null }[];
   witnessUp: boolean | null;
-  vms: { name: string; state: string; protected: boolean; epoch: number; resyncRemaining: number | null; resyncMode?: string | null; resyncPlanned?: number | null }[];
+  vms: { name: string; state: string; protected: boolean; epoch: number; resyncRemaining: number | null; resyncMode?: string | null; resyncPlanned?: number | null; drRpoS?: number | null; drRpoTargetS?: number | null }[];
 }
 
 export class Metrics {
@@ -25,6 +25,8 @@ export class Metrics {
   private readonly drillFailover: Gauge<'vm'>;
   private readonly drillLast: Gauge<'vm' | 'result'>;
   private readonly drillLastAt = new Map<string, number>();
+  private readonly drBytes: Counter<'vm' | 'mode'>;
+  private readonly drPoints: Counter<'vm' | 'result'>;
   readonly heartbeatRejected: Counter;
   private snapshot: () => GaugeSnapshot = () => ({ peerUp: false, heartbeatRejected: 0, heartbeatStale: 0, paths: [], witnessUp: null, vms: [] });
 
@@ -40,6 +42,8 @@ export class Metrics {
     // A time, not a counter: "no passing drill for N days" must survive agent restarts (it is
     // restored from the saved reports at start) and is alerted on across both nodes of a pair.
     this.drillLast = new Gauge({ name: 'ftkvm_drill_last_timestamp_seconds', help: 'Unix time at which the last drill run through this node finished, by result (restored from the saved reports at start)', labelNames: ['vm', 'result'], registers: r });
+    this.drBytes = new Counter({ name: 'ftkvm_dr_shipped_bytes_total', help: 'Disk bytes shipped to the DR site by this node, by mode (delta: dirty bitmap; digest: chunks that differed; full: first copy)', labelNames: ['vm', 'mode'], registers: r });
+    this.drPoints = new Counter({ name: 'ftkvm_dr_points_total', help: 'Recovery points this node tried to ship, by result', labelNames: ['vm', 'result'], registers: r });
     const self = this;
     // Counted by the heartbeat service; read at scrape time.
     this.heartbeatRejected = new Counter({ name: 'ftkvm_heartbeat_rejected_total', help: 'Heartbeat datagrams rejected (bad HMAC, wrong sender or protocol version, garbage)', registers: r,
@@ -67,6 +71,11 @@ export class Metrics {
     // What a resync must move (checksum: the differing chunks and the writes since; full: the disk).
     new Gauge({ name: 'ftkvm_resync_planned_bytes', help: 'Bytes the running resync must copy to the secondary, by mode (checksum: chunks that differ plus writes since; full: the whole disk)', labelNames: ['vm', 'mode'], registers: r,
       collect() { this.reset(); for (const v of self.snapshot().vms) if (v.resyncMode && v.resyncPlanned !== null && v.resyncPlanned !== undefined) this.set({ vm: v.name, mode: v.resyncMode }, v.resyncPlanned); } });
+    // Only on the node that ships (the VM's primary): the age of the newest point's data.
+    new Gauge({ name: 'ftkvm_dr_rpo_seconds', help: 'Age of the newest recovery point at the DR site (the achieved RPO), on the node that ships it', labelNames: ['vm'], registers: r,
+      collect() { this.reset(); for (const v of self.snapshot().vms) if (v.drRpoS !== null && v.drRpoS !== undefined) this.set({ vm: v.name }, v.drRpoS); } });
+    new Gauge({ name: 'ftkvm_dr_rpo_target_seconds', help: 'The VM\'s dr.rpo_target_s, on the node that ships its recovery points (alert when ftkvm_dr_rpo_seconds exceeds it)', labelNames: ['vm'], registers: r,
+      collect() { this.reset(); for (const v of self.snapshot().vms) if (v.drRpoTargetS !== null && v.drRpoTargetS !== undefined) this.set({ vm: v.name }, v.drRpoTargetS); } });
   }
 
   setSnapshot(f: () => GaugeSnapshot): void { this.snapshot = f; }
@@ -85,6 +94,8 @@ export class Metrics {
     this.drillLastAt.set(key, finishedAtMs);
     this.drillLast.set({ vm, result }, Math.round(finishedAtMs / 1000));
   }
+  drShipped(vm: string, mode: string, bytes: number): void { this.drBytes.inc({ vm, mode }, bytes); this.drPoints.inc({ vm, result: 'shipped' }); }
+  drFailed(vm: string): void { this.drPoints.inc({ vm, result: 'failed' }); }
   text(): Promise<string> { return this.registry.metrics(); }
   get contentType(): string { return this.registry.contentType; }
 }

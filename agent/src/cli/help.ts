@@ -9,6 +9,7 @@ Commands:
   switchover VM  planned move of the primary role to the other host (then re-protected back)
   witness        run the witness lease service (third machine)
   fencer         the lease fencer (started by the agent in witness mode; not run by hand)
+  dr-target      run the DR site's agent: keep recovery points, boot test copies, DR failover
   check-config   validate agent.yaml and exit
   version        print version and git commit
 
@@ -22,6 +23,14 @@ Exit codes: 0 ok, 1 failure, 2 usage or invalid configuration, 3 QEMU lacks COLO
             4 agent unreachable, 5 not healthy / drill failed / request refused`;
 
 const PER: Record<string, string> = {
+  'dr-target': `Usage: ftkvm-agent dr-target [-c /etc/ftkvm/dr-target.yaml]
+
+The agent of a host at the DR site (README "Disaster recovery"). The VMs' primaries ship
+crash-consistent recovery points to it every dr.interval_s (vms[].dr in agent.yaml); it keeps the
+newest \`keep\` of each VM as a qcow2 chain and never shows a point before it is complete.
+playbooks/dr-test.yml boots a copy of a point with no network but a loopback port to its probe,
+checks the guest answers and discards it; playbooks/dr-failover.yml starts the VM here on the DR
+site's bridge after taking its lease at the witness at a new epoch.`,
   fencer: `Usage: ftkvm-agent fencer --state-dir DIR
 
 Started by the agent (witness mode), detached, and left running across agent restarts, as QEMU

@@ -2,7 +2,7 @@
 // wrong`, all at once, and the agent refuses to start: nothing is half-applied.
 import { accessSync, constants, readFileSync, statSync } from 'node:fs';
 import { isMap, isSeq, LineCounter, parseDocument, type Document, type Node as YamlNode } from 'yaml';
-import type { ZodIssue } from 'zod';
+import type { ZodIssue, z } from 'zod';
 import { FtkvmError } from '../util/errors.ts';
 import { PEER_FACING_VM_PORTS, vmPorts, VM_PORT_OFFSETS } from '../colo/ports.ts';
 import { configSchema, parseHostPort, type Config, type VmConfig } from './schema.ts';
@@ -54,6 +54,14 @@ export function loadConfigFile(file: string, fs: ConfigFs = realConfigFs): Confi
 }
 
 export function parseConfig(text: string, file: string, fs: ConfigFs = realConfigFs): Config {
+  return parseYamlConfig(configSchema, text, file, (c) => semanticProblems(c, fs));
+}
+
+/**
+ * A YAML configuration checked against a zod schema, every problem at once with its line
+ * (agent.yaml, dr-target.yaml): ConfigError otherwise, nothing half-applied.
+ */
+export function parseYamlConfig<S extends z.ZodTypeAny>(schema: S, text: string, file: string, semantic: (c: z.output<S>) => ConfigProblem[] = () => []): z.output<S> {
   const lc = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lc, uniqueKeys: true, prettyErrors: false });
   if (doc.errors.length > 0) {
@@ -63,7 +71,7 @@ export function parseConfig(text: string, file: string, fs: ConfigFs = realConfi
     }));
   }
   const raw = doc.toJS() ?? {};
-  const parsed = configSchema.safeParse(raw);
+  const parsed = schema.safeParse(raw);
   const locate = (path: (string | number)[], key?: string): Pick<ConfigProblem, 'line' | 'col'> => {
     const node = findNode(doc, path, key);
     if (!node?.range) return {};
@@ -74,7 +82,7 @@ export function parseConfig(text: string, file: string, fs: ConfigFs = realConfi
     const problems = parsed.error.issues.flatMap((i) => zodIssueToProblems(i, raw));
     throw new ConfigError(file, problems.map((p) => ({ ...p, ...locate(p.path, p.unknownKey) })).map(stripKey));
   }
-  const problems = semanticProblems(parsed.data, fs);
+  const problems = semantic(parsed.data);
   if (problems.length > 0) throw new ConfigError(file, problems.map((p) => ({ ...p, ...locate(p.path) })));
   return parsed.data;
 }

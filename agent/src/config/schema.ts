@@ -5,13 +5,13 @@ import { z } from 'zod';
 import { DEFAULT_API_PORT, DEFAULT_HEARTBEAT_PORT, VM_PORT_SPAN } from '../colo/ports.ts';
 import { cidrError, parseCidr } from '../util/cidr.ts';
 
-const ip = z.string().refine((s) => isIP(s) !== 0, (s) => ({ message: `not an IP address: "${s}"` }));
+export const ip = z.string().refine((s) => isIP(s) !== 0, (s) => ({ message: `not an IP address: "${s}"` }));
 const port = z.number().int().min(1).max(65535);
 const ms = (min: number, max: number) => z.number().int().min(min).max(max);
-const absPath = z.string().min(1).refine((s) => s.startsWith('/'), (s) => ({ message: `must be an absolute path: "${s}"` }));
-const nodeName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'must be 1-63 letters, digits, ".", "_" or "-"');
-const ifName = z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'must be a Linux interface name (1-15 characters)');
-const hostPort = z.string().refine((s) => parseHostPort(s) !== null,
+export const absPath = z.string().min(1).refine((s) => s.startsWith('/'), (s) => ({ message: `must be an absolute path: "${s}"` }));
+export const nodeName = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'must be 1-63 letters, digits, ".", "_" or "-"');
+export const ifName = z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/, 'must be a Linux interface name (1-15 characters)');
+export const hostPort = z.string().refine((s) => parseHostPort(s) !== null,
   (s) => ({ message: `expected ADDRESS:PORT with an IP address (e.g. 0.0.0.0:${DEFAULT_API_PORT} or [::]:${DEFAULT_API_PORT}), got "${s}"` }));
 const cidr = z.string().refine((s) => parseCidr(s) !== null, (s) => ({ message: cidrError(s) }));
 
@@ -23,7 +23,25 @@ export function parseHostPort(s: string): { host: string; port: number } | null 
   return { host, port: p };
 }
 
-const vm = z.object({
+const httpUrl = z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL');
+
+/** Disaster recovery of one VM (dr/): recovery points shipped by whichever host is its primary. */
+const drSettings = z.object({
+  // The DR site's `ftkvm-agent dr-target` (e.g. https://dr1.example:7610).
+  target: httpUrl,
+  // Bearer token of the DR target (default: api.token_file); CA of its certificate (https).
+  token_file: absPath.optional(),
+  ca_file: absPath.optional(),
+  // A crash-consistent recovery point every interval_s; the DR host keeps the newest `keep`.
+  interval_s: z.number().int().min(2).max(7 * 86_400).default(300),
+  keep: z.number().int().min(1).max(1000).default(24),
+  // /health warns when the newest recovery point is older than this (default: 2 intervals + 60 s).
+  rpo_target_s: z.number().int().min(5).max(30 * 86_400).optional(),
+  // Cap on the DR traffic of this VM (Mbit/s of disk data): checkpoints and re-protection first.
+  bandwidth_mbit: z.number().min(1).max(1_000_000).default(200),
+}).strict().transform((d) => ({ ...d, rpo_target_s: d.rpo_target_s ?? 2 * d.interval_s + 60 }));
+
+export const vmSchema = z.object({
   name: z.string().regex(/^[a-z][a-z0-9-]{0,30}$/, 'must be lowercase letters, digits and "-", starting with a letter, at most 31 characters'),
   memory_mib: z.number().int().min(64).max(4 * 1024 * 1024),
   vcpus: z.number().int().min(1).max(1024),
@@ -55,7 +73,9 @@ const vm = z.object({
     counter: z.boolean().default(false),
     interval_ms: z.number().int().min(5).max(10_000).default(50),
   }).strict().optional(),
+  dr: drSettings.optional(),
 }).strict();
+const vm = vmSchema;
 
 export const configSchema = z.object({
   node: z.object({
@@ -130,7 +150,7 @@ export const configSchema = z.object({
     storm_window_s: z.number().int().min(5).max(3600).default(30),
   }).strict().default({}),
   witness: z.object({
-    url: z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL').optional(),
+    url: httpUrl.optional(),
     // The lease store as an etcd v3 cluster instead of the embedded witness (witness/etcd.ts).
     etcd: z.object({
       endpoints: z.array(z.string().url().refine((u) => /^https?:\/\//.test(u), 'must be an http:// or https:// URL')).min(1),
@@ -158,4 +178,5 @@ export const configSchema = z.object({
 
 export type Config = z.infer<typeof configSchema>;
 export type VmConfig = Config['vms'][number];
+export type DrSettings = NonNullable<VmConfig['dr']>;
 export type KernelBoot = Extract<VmConfig['boot'], { kernel: string }>;

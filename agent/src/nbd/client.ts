@@ -24,6 +24,9 @@ const REPLY_FLAG_DONE = 1;
 const REPLY_TYPE_NONE = 0, REPLY_TYPE_OFFSET_DATA = 1, REPLY_TYPE_OFFSET_HOLE = 2, REPLY_TYPE_BLOCK_STATUS = 5;
 /** base:allocation: the range is a hole / reads as zeroes. */
 export const STATE_HOLE = 1, STATE_ZERO = 2;
+/** qemu:dirty-bitmap:NAME extents: flag 1 = dirty. */
+export const STATE_DIRTY = 1;
+const ALLOCATION = 'base:allocation';
 
 export class NbdError extends FtkvmError {
   constructor(message: string, options?: { cause?: unknown }) { super('NBD_ERROR', message, options); }
@@ -42,6 +45,8 @@ interface Pending {
   /** READ: the data, zero-filled (holes stay zero). */
   data: Buffer | null;
   extents: Extent[];
+  /** BLOCK_STATUS: the metadata context id whose extents are kept (others are ignored). */
+  context: number | null;
   error: string | null;
   resolve: (p: Pending) => void; reject: (e: Error) => void;
 }
@@ -55,6 +60,8 @@ export class NbdClient {
   readonly readOnly: boolean;
   private readonly sock: Socket;
   private readonly allocationContext: number | null;
+  /** Negotiated metadata contexts by name (base:allocation, qemu:dirty-bitmap:NAME) → id. */
+  private readonly contexts: ReadonlyMap<string, number>;
   /** Received and not yet parsed: a list (copied once per reply payload, not once per packet). */
   private chunks: Buffer[] = [];
   private buffered = 0;
@@ -64,11 +71,12 @@ export class NbdClient {
   /** The reply being read: its header is parsed, its payload not yet complete. */
   private current: { handle: bigint; structured: boolean; error: number; flags: number; type: number; length: number } | null = null;
 
-  private constructor(sock: Socket, size: number, flags: number, allocationContext: number | null, rest: Buffer, private readonly requestTimeoutMs: number) {
+  private constructor(sock: Socket, size: number, flags: number, contexts: Map<string, number>, rest: Buffer, private readonly requestTimeoutMs: number) {
     this.sock = sock;
     this.size = size;
     this.readOnly = (flags & FLAG_READ_ONLY) !== 0;
-    this.allocationContext = allocationContext;
+    this.contexts = contexts;
+    this.allocationContext = contexts.get(ALLOCATION) ?? null;
     if (rest.length) { this.chunks.push(rest); this.buffered = rest.length; }
     sock.on('data', (d: Buffer) => { this.chunks.push(d); this.buffered += d.length; this.drain(); });
     const fail = (e: Error) => {
@@ -85,8 +93,14 @@ export class NbdClient {
   /** Whether block status (base:allocation) was negotiated. */
   get hasBlockStatus(): boolean { return this.allocationContext !== null; }
 
-  /** Connects and negotiates the export: structured replies and base:allocation when offered, then NBD_OPT_GO. */
-  static async connect(addr: NbdAddress, exportName: string, timeoutMs = 10_000, requestTimeoutMs = NBD_REQUEST_TIMEOUT_MS): Promise<NbdClient> {
+  /** Whether the export offered this metadata context (e.g. qemu:dirty-bitmap:NAME). */
+  hasContext(name: string): boolean { return this.contexts.has(name); }
+
+  /**
+   * Connects and negotiates the export: structured replies and base:allocation (plus any
+   * `extraContexts`, e.g. an exported dirty bitmap) when offered, then NBD_OPT_GO.
+   */
+  static async connect(addr: NbdAddress, exportName: string, timeoutMs = 10_000, requestTimeoutMs = NBD_REQUEST_TIMEOUT_MS, extraContexts: string[] = []): Promise<NbdClient> {
     const sock = 'path' in addr ? connect(addr.path) : connect(addr.port, addr.host);
     sock.setNoDelay(true);
     sock.setKeepAlive(true, 10_000); // a silently vanished peer ends the connection
@@ -124,14 +138,15 @@ export class NbdClient {
       const name = Buffer.from(exportName, 'utf8');
       option(OPT_STRUCTURED_REPLY, Buffer.alloc(0));
       const structured = await replies('structured', () => undefined);
-      let allocationContext: number | null = null;
+      const contexts = new Map<string, number>();
       if (structured) {
-        const q = Buffer.from('base:allocation', 'utf8');
-        const data = Buffer.alloc(4 + name.length + 4 + 4 + q.length);
+        const wanted = [ALLOCATION, ...extraContexts].map((c) => Buffer.from(c, 'utf8'));
+        const data = Buffer.alloc(4 + name.length + 4 + wanted.reduce((n, q) => n + 4 + q.length, 0));
         let o = data.writeUInt32BE(name.length, 0); o += name.copy(data, o);
-        o = data.writeUInt32BE(1, o); o = data.writeUInt32BE(q.length, o); q.copy(data, o);
+        o = data.writeUInt32BE(wanted.length, o);
+        for (const q of wanted) { o = data.writeUInt32BE(q.length, o); o += q.copy(data, o); }
         option(OPT_SET_META_CONTEXT, data);
-        await replies('meta', (type, body) => { if (type === REP_META_CONTEXT && body.subarray(4).toString('utf8') === 'base:allocation') allocationContext = body.readUInt32BE(0); });
+        await replies('meta', (type, body) => { if (type === REP_META_CONTEXT) contexts.set(body.subarray(4).toString('utf8'), body.readUInt32BE(0)); });
       }
       const go = Buffer.alloc(4 + name.length + 2);
       go.writeUInt32BE(name.length, 0); name.copy(go, 4); go.writeUInt16BE(0, 4 + name.length); // the server sends NBD_INFO_EXPORT anyway
@@ -141,7 +156,7 @@ export class NbdClient {
         if (type === REP_INFO && body.length >= 12 && body.readUInt16BE(0) === INFO_EXPORT) { size = Number(body.readBigUInt64BE(2)); flags = body.readUInt16BE(10); }
       });
       if (size === null) throw new NbdError(`${where}: no export size in the NBD_OPT_GO reply`);
-      return new NbdClient(sock, size, flags, allocationContext, reader.release(), requestTimeoutMs);
+      return new NbdClient(sock, size, flags, contexts, reader.release(), requestTimeoutMs);
     } catch (e) {
       reader.release();
       sock.destroy();
@@ -159,8 +174,20 @@ export class NbdClient {
    */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     if (this.allocationContext === null) return [{ offset, length, flags: 0 }];
-    const p = await this.request(CMD_BLOCK_STATUS, offset, length, null);
+    const p = await this.request(CMD_BLOCK_STATUS, offset, length, null, this.allocationContext);
     return p.extents.length ? p.extents : [{ offset, length, flags: 0 }];
+  }
+
+  /**
+   * Extents of a negotiated metadata context other than base:allocation (for a
+   * qemu:dirty-bitmap context flag 1 = dirty); they may cover less than asked.
+   */
+  async contextStatus(context: string, offset: number, length: number): Promise<Extent[]> {
+    const id = this.contexts.get(context);
+    if (id === undefined) throw new NbdError(`the export did not offer the metadata context "${context}"`);
+    const p = await this.request(CMD_BLOCK_STATUS, offset, length, null, id);
+    if (!p.extents.length) throw new NbdError(`no "${context}" status for ${offset}+${length}`);
+    return p.extents;
   }
 
   /** Orderly end: NBD_CMD_DISC, then the socket closes. */
@@ -173,7 +200,7 @@ export class NbdClient {
     this.sock.destroy();
   }
 
-  private request(cmd: number, offset: number, length: number, data: Buffer | null): Promise<Pending> {
+  private request(cmd: number, offset: number, length: number, data: Buffer | null, context: number | null = null): Promise<Pending> {
     if (this.failed) return Promise.reject(this.failed);
     if (offset < 0 || length < 0 || offset + length > this.size) return Promise.reject(new NbdError(`request beyond the export: ${offset}+${length} > ${this.size}`));
     const handle = this.nextHandle++;
@@ -183,7 +210,7 @@ export class NbdClient {
     return new Promise<Pending>((resolve, reject) => {
       const timer = setTimeout(() => this.sock.destroy(new NbdError(`NBD request (command ${cmd}, ${length} bytes at ${offset}) not answered within ${this.requestTimeoutMs} ms`)), this.requestTimeoutMs);
       timer.unref();
-      this.pending.set(handle, { cmd, offset, length, covered: 0, timer, data: cmd === CMD_READ ? Buffer.alloc(length) : null, extents: [], error: null, resolve, reject });
+      this.pending.set(handle, { cmd, offset, length, covered: 0, timer, data: cmd === CMD_READ ? Buffer.alloc(length) : null, extents: [], context, error: null, resolve, reject });
       this.sock.write(data ? Buffer.concat([h, data]) : h);
     });
   }
@@ -256,7 +283,7 @@ export class NbdClient {
           if (cur.type === REPLY_TYPE_OFFSET_DATA) body.copy(p.data, at, 8); // a hole: p.data is zero-filled already
           p.covered += len;
         } else if (cur.type === REPLY_TYPE_BLOCK_STATUS) {
-          if (body.readUInt32BE(0) === this.allocationContext) {
+          if (body.readUInt32BE(0) === p.context) {
             let at = p.offset;
             for (let o = 4; o + 8 <= body.length; o += 8) {
               const len = body.readUInt32BE(o), flags = body.readUInt32BE(o + 4);

@@ -8,6 +8,7 @@ import { systemQemuProcesses, type QemuProcess, type QemuProcesses } from '../..
 import type { StateStore } from '../../state/store.ts';
 import { FtkvmError, errorMessage } from '../../util/errors.ts';
 import { CheckpointTracker } from '../checkpoints.ts';
+import type { DrStatus } from '../../dr/shipper.ts';
 import { isTransition, roleOf, type VmState } from '../states.ts';
 import { LogTail, SilentReplicaDetector } from '../replica-health.ts';
 import { PRE_ATTEMPT_SUMMARY_GRACE_MS, NEEDS_QEMU, type VmControllerDeps, type LogReader, type FailoverRecord, type ResyncProgress, type VmStatus } from './types.ts';
@@ -78,6 +79,10 @@ export class VmCore {
   /** unfence() resumes the guest on purpose: the RESUME guard must not pause it again. */
   unfencing = false;
   lastLoggedDecision = '';
+  /** A re-protection calls this first: a DR recovery point in flight is cut short (dr/shipper.ts). */
+  drYield: () => Promise<void> = async () => undefined;
+  /** The DR shipper's view (vms[].dr), null without DR. */
+  drStatus: () => DrStatus | null = () => null;
   /** Runs a control step soon (set by the controller). */
   kick: () => void = () => undefined;
 
@@ -210,6 +215,7 @@ export class VmCore {
       lastProtectError: this.lastProtectError,
       sick: this.sick,
       brokenDevices: this.brokenDevices,
+      dr: this.drStatus(),
     };
   }
 

@@ -15,6 +15,7 @@ import type { CheckpointSnapshot } from '../checkpoints.ts';
 import type { PromotionGate } from '../gate.ts';
 import type { Role, VmState } from '../states.ts';
 import type { ReceivedBytes } from '../replica-health.ts';
+import type { DrStatus } from '../../dr/shipper.ts';
 
 /** How often QEMU is asked whether a virtio device is broken, and a primary counts the replica's output. */
 export const DEVICE_CHECK_MS = 1000;
@@ -92,6 +93,8 @@ export interface VmStatus {
   sick: string | null;
   /** virtio devices QEMU reports broken here (a primary: the guest cannot use them until it resets them). */
   brokenDevices: string[];
+  /** Disaster recovery (vms[].dr): recovery points shipped to the DR site; null without DR. */
+  dr: DrStatus | null;
 }
 
 /** `protection`: id of the primary's protection attempt; its heartbeat summaries carry it (see preparedFor). */

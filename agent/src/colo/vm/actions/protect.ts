@@ -19,6 +19,7 @@ export function primaryAddrs(c: VmCore): seq.PrimaryAddrs {
 export async function protect(c: VmCore, why: string): Promise<void> {
   const q = c.qemu?.qmp;
   if (!q) return;
+  await c.drYield();
   const attempt = c.protectFailures + 1;
   const t0 = c.d.clock.mono();
   const protection = randomUUID();
