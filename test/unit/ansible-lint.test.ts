@@ -46,7 +46,7 @@ test('every role documents exactly its defaults in meta/argument_specs.yml', asy
   const { parse } = await import('yaml');
   const { readFileSync } = await import('node:fs');
   const roles = readdirSync(join(ROOT, 'roles'));
-  t.deepEqual(roles.sort(), ['ftkvm_agent', 'ftkvm_etcd', 'ftkvm_firewall', 'ftkvm_host', 'ftkvm_network', 'ftkvm_pki', 'ftkvm_witness']);
+  t.deepEqual(roles.sort(), ['ftkvm_agent', 'ftkvm_dr_target', 'ftkvm_etcd', 'ftkvm_firewall', 'ftkvm_host', 'ftkvm_network', 'ftkvm_pki', 'ftkvm_witness']);
   for (const role of roles) {
     const defaults = parse(readFileSync(join(ROOT, 'roles', role, 'defaults/main.yml'), 'utf8')) as Record<string, unknown>;
     const spec = parse(readFileSync(join(ROOT, 'roles', role, 'meta/argument_specs.yml'), 'utf8')) as
