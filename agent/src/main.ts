@@ -17,6 +17,7 @@ import { WitnessServer } from './witness/server.ts';
 import { runFencer } from './fence/process.ts';
 import { loadDrTargetConfig } from './dr/config.ts';
 import { DrTarget } from './dr/target.ts';
+import { drPull } from './dr/pull.ts';
 
 const DEFAULT_CONFIG = '/etc/ftkvm/agent.yaml';
 
@@ -72,7 +73,7 @@ export async function main(argv: string[]): Promise<number> {
   } as const;
   let parsed;
   try {
-    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' }, credentials: { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' } }, allowPositionals: true, strict: true });
+    parsed = parseArgs({ args: rest, options: { ...common, check: { type: 'boolean' }, wait: { type: 'boolean' }, final: { type: 'boolean' }, listen: { type: 'string' }, 'data-dir': { type: 'string' }, 'state-dir': { type: 'string' }, credentials: { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' } }, allowPositionals: true, strict: true });
   } catch (e) {
     process.stderr.write(`ftkvm-agent ${cmd}: ${errorMessage(e)}\n${commandHelp(cmd)}\n`);
     return EXIT.USAGE;
@@ -133,6 +134,18 @@ export async function main(argv: string[]): Promise<number> {
           process.once('SIGTERM', stop);
           process.once('SIGINT', stop);
         });
+      }
+      case 'dr-pull': {
+        const path = o.config ?? DEFAULT_CONFIG;
+        const name = positionals[0];
+        if (!name) { process.stderr.write(`ftkvm-agent dr-pull: the VM is required\n${commandHelp('dr-pull')}\n`); return EXIT.USAGE; }
+        let cfg;
+        try { cfg = loadConfigFile(path); } catch (e) { process.stderr.write(`${errorMessage(e)}\n`); return EXIT.USAGE; }
+        const vm = cfg.vms.find((v) => v.name === name);
+        if (!vm) { process.stderr.write(`ftkvm-agent dr-pull: no VM "${name}" in ${path}\n`); return EXIT.USAGE; }
+        const r = await drPull(cfg, vm, !!o.final, (l) => { if (!o.json) process.stdout.write(l + '\n'); });
+        process.stdout.write(o.json ? JSON.stringify(r) + '\n' : `${r.vm}: ${r.stage} pull done: ${r.copiedBytes} of ${r.diskBytes} bytes copied in ${r.ms} ms${r.epoch !== null ? `, epoch ${r.epoch}` : ''}\n`);
+        return EXIT.OK;
       }
       case 'fencer': {
         if (!o['state-dir']) { process.stderr.write('ftkvm-agent fencer: --state-dir DIR is required (the agent starts it)\n'); return EXIT.USAGE; }

@@ -13,7 +13,7 @@ import type { ActivateReport, TestReport } from '../../agent/src/dr/target.ts';
 
 const INTERVAL_S = 4;
 
-test('DR: points ship across a COLO failover; a DR test leaves production untouched; after the loss of both primary-site hosts the VM runs at the DR site from a point the guest wrote; the old site cannot start it again', async (t) => {
+test('DR: points ship across a COLO failover; a DR test leaves production untouched; after the loss of both primary-site hosts the VM runs at the DR site from a point the guest wrote; the old site cannot start it again; fail-back returns it to the pair, protected, nothing lost', async (t) => {
   t.timeout(900_000);
   await withPair(t, 16, { vms: [{ name: 'db', guestIp: 16, basePort: 19500 }], witness: true, leaseMs: 2000, dr: { intervalS: INTERVAL_S, keep: 3 } }, async (p) => {
     p.startWitness();
@@ -99,5 +99,45 @@ test('DR: points ship across a COLO failover; a DR test leaves production untouc
     t.true(back !== null && !['starting', 'standalone', 'protected', 'syncing'].includes(back.state), `host A did not start db (state ${back?.state}: ${back?.reason})`);
     const again = await p.drCall('POST', '/v1/dr/vms/db/points', { sizeBytes: a.point.sizeBytes, capturedAt: Date.now(), from: 'hostA', epoch: a.point.epoch, keep: 3 });
     t.is(again.status, 409, 'the DR site takes in no more points once activated');
+
+    // Fail-back (what playbooks/dr-failback.yml runs): the guest writes at the DR site; host A,
+    // agent stopped, pulls the activated point's chunks that differ while the VM still runs
+    // there; the planned stop; the final pull copies what the VM wrote at the DR site; the DR
+    // site releases the lease; both agents start and the VM is protected again on the pair.
+    const drc = new TxnClient(p.guestIp('db'));
+    await drc.open(60_000);
+    drc.start();
+    await waitUntil(() => drc.txns.length >= 10 || undefined, 60_000, 'transactions at the DR site');
+    p.killAgent('A');
+    const pull = async (final: boolean) => {
+      const r = await p.cli('A', ['dr-pull', 'db', '--json', ...(final ? ['--final'] : [])]);
+      t.is(r.code, 0, `dr-pull${final ? ' --final' : ''}: ${r.stderr}`);
+      return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { copiedBytes: number; diskBytes: number; epoch: number | null; ms: number };
+    };
+    const seed = await pull(false);
+    t.log(`fail-back seed: ${seed.copiedBytes} of ${seed.diskBytes} bytes copied in ${seed.ms} ms`);
+    await drc.stop();
+    drc.close();
+    t.deepEqual(drc.errors, [], 'the client at the DR site was served until the planned stop');
+    const drLast = drc.txns.at(-1)!.value;
+    const stopAt = Date.now();
+    t.is((await p.drCall('POST', '/v1/dr/vms/db/stop', { timeoutS: 30 }, 60_000)).status, 200);
+    const fin = await pull(true);
+    t.log(`fail-back final: ${fin.copiedBytes} of ${fin.diskBytes} bytes copied in ${fin.ms} ms, epoch ${fin.epoch}`);
+    t.true(fin.copiedBytes < fin.diskBytes / 4, 'the final pull copies only what changed at the DR site since the seed');
+    const de = await p.drCall<{ released: boolean }>('POST', '/v1/dr/vms/db/deactivate', { to: 'hostA' });
+    t.is(de.status, 200, JSON.stringify(de.json));
+    t.true(de.json.released, 'the DR site released the lease');
+    p.startAgent('A'); p.startAgent('B');
+    const home = await p.waitProtected('db', 300_000);
+    t.is(home, 'A', 'host A (the pulled disk) runs the VM');
+    const c2 = new TxnClient(p.guestIp('db'));
+    await c2.open(60_000);
+    const v2 = await c2.get();
+    c2.close();
+    t.log(`back on the pair and protected ${Date.now() - stopAt} ms after the planned stop; counter ${v2}, last acknowledged at the DR site ${drLast}`);
+    t.true(v2 >= drLast && v2 <= drLast + 1, 'every transaction acknowledged at the DR site is there after the fail-back');
+    const resumed = await pointAfter(Date.now(), 'hostA');
+    t.true(resumed.epoch > (a.witness?.epoch ?? 0), `shipping resumed from the pair at a newer epoch (${resumed.epoch})`);
   });
 });

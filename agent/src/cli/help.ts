@@ -10,6 +10,7 @@ Commands:
   witness        run the witness lease service (third machine)
   fencer         the lease fencer (started by the agent in witness mode; not run by hand)
   dr-target      run the DR site's agent: keep recovery points, boot test copies, DR failover
+  dr-pull VM     fail-back: bring this host's copy of the VM's disk in line with the DR site's
   check-config   validate agent.yaml and exit
   version        print version and git commit
 
@@ -23,6 +24,15 @@ Exit codes: 0 ok, 1 failure, 2 usage or invalid configuration, 3 QEMU lacks COLO
             4 agent unreachable, 5 not healthy / drill failed / request refused`;
 
 const PER: Record<string, string> = {
+  'dr-pull': `Usage: ftkvm-agent dr-pull VM [--final] [--json] [-c /etc/ftkvm/agent.yaml]
+
+Fail-back after a DR failover (playbooks/dr-failback.yml runs it). On the host that is to run the
+VM again, with its agent stopped and no QEMU of the VM here: copies from the DR site only the
+1 MiB chunks of the VM's disk that differ from this host's copy (an empty disk of the same size
+gets all that is not zero). Without --final: from the recovery point the VM was activated from,
+while it still runs at the DR site. --final: from its own disk there, once stopped; then this
+node's state takes the DR epoch, so this node runs the VM at the next start and asks the
+witness for a newer epoch.`,
   'dr-target': `Usage: ftkvm-agent dr-target [-c /etc/ftkvm/dr-target.yaml]
 
 The agent of a host at the DR site (README "Disaster recovery"). The VMs' primaries ship

@@ -61,6 +61,7 @@ export async function bootPoint(o: { config: DrTargetConfig; vm: DrVm; pointFile
   }
   a.push('-device', `virtio-net-pci,id=nic0,netdev=hn0,mac=${vm.nic.mac}`);
   a.push('-drive', `if=none,id=disk0,file=${overlay},format=qcow2`, '-device', 'virtio-blk-pci,id=vdisk0,drive=disk0');
+  a.push('-pidfile', join(o.dir, `${o.tag}.pid`));
   a.push(...c.qemu.extra_args);
   const logFd = openSync(join(o.dir, `${o.tag}.qemu.log`), 'a');
   const proc = spawn(c.qemu.binary, a, { stdio: ['ignore', logFd, logFd], detached: o.detached });

@@ -82,10 +82,13 @@ export class DrStore {
     return next;
   }
 
+  /** After a fail-back: the activated chain is no longer read. */
+  unpinAll(vm: string): void { this.pins.delete(vm); }
+
   pin(vm: string): () => void {
     this.pins.set(vm, (this.pins.get(vm) ?? 0) + 1);
     let done = false;
-    return () => { if (!done) { done = true; this.pins.set(vm, this.pins.get(vm)! - 1); } };
+    return () => { if (!done) { done = true; this.pins.set(vm, Math.max(0, (this.pins.get(vm) ?? 0) - 1)); } };
   }
 
   /** At start: pending files of a previous life are deleted (they were never points). */

@@ -21,6 +21,9 @@ import type { DrTargetConfig, DrVm } from './config.ts';
 import { DrStore, DrStoreError } from './store.ts';
 import { MAX_PUT_BYTES, type RecoveryPoint } from './protocol.ts';
 import { bootPoint, waitGuestAnswers } from './boot.ts';
+import { activePid, FailbackSources, type FailbackStage } from './failback.ts';
+import { chunkDigests } from '../nbd/checksums.ts';
+import type { NbdClient } from '../nbd/client.ts';
 
 const BeginBody = z.object({
   sizeBytes: bodyField.int(1, Number.MAX_SAFE_INTEGER), capturedAt: bodyField.int(0, Number.MAX_SAFE_INTEGER),
@@ -29,6 +32,7 @@ const BeginBody = z.object({
 const CommitBody = z.object({ mode: z.enum(['delta', 'digest', 'full']), bytesShipped: bodyField.int(0, Number.MAX_SAFE_INTEGER) });
 const BootBody = z.object({ point: bodyField.string().optional(), timeoutS: bodyField.int(5, 3600).optional(), confirmSiteLost: bodyField.boolean().optional() });
 const POINT_ID = /^[0-9a-f-]{36}$/;
+const FailbackDigestsBody = z.object({ stage: z.enum(['seed', 'final']), chunkBytes: bodyField.int(65536, 16 * 1024 * 1024) });
 
 export interface TestReport { vm: string; point: RecoveryPoint; dataAgeS: number; answeredAfterMs: number; reply: string | null; discarded: true }
 export interface ActivateReport {
@@ -50,8 +54,10 @@ export class DrTarget {
   private readonly testsRun: Counter<'vm' | 'result'>;
   private readonly busy = new Set<string>();
   private sweepTimer: NodeJS.Timeout | undefined;
+  private readonly sources: FailbackSources;
 
   constructor(private readonly c: DrTargetConfig, private readonly log: Logger, private readonly exec: Exec) {
+    this.sources = new FailbackSources(c.qemu.nbd_binary);
     this.store = new DrStore({ dataDir: c.data_dir, imgBinary: c.qemu.img_binary, nbdBinary: c.qemu.nbd_binary, exec, log });
     const w = c.witness;
     this.witness = w ? httpTransport(w.url, () => readSecret(w.token_file ?? c.token_file), w.ca_file) : null;
@@ -111,6 +117,28 @@ export class DrTarget {
       { method: 'POST', path: '/v1/dr/vms/:vm/test', access: 'write', handler: async (ctx) => {
         const b = parseBody(BootBody, await ctx.body());
         return { json: await mapErr(() => this.test(this.vmOf(ctx.params.vm), b.point, (b.timeoutS ?? 300) * 1000)) };
+      } },
+      { method: 'POST', path: '/v1/dr/vms/:vm/failback/digests', access: 'write', handler: async (ctx) => {
+        const b = parseBody(FailbackDigestsBody, await ctx.body());
+        return { bytes: await mapErr(async () => chunkDigests(await this.failbackSource(vm(ctx), b.stage), b.chunkBytes)) };
+      } },
+      { method: 'GET', path: '/v1/dr/vms/:vm/failback/data', access: 'write', handler: async (ctx) => {
+        const stage = ctx.query.get('stage'), offset = Number(ctx.query.get('offset')), length = Number(ctx.query.get('length'));
+        if (stage !== 'seed' && stage !== 'final') throw new HttpError(400, 'BAD_STAGE', 'stage must be seed or final');
+        if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 1 || length > MAX_PUT_BYTES) throw new HttpError(400, 'BAD_RANGE', `offset and length (1..${MAX_PUT_BYTES}) must be integers`);
+        return { bytes: await mapErr(async () => {
+          const src = await this.failbackSource(vm(ctx), stage);
+          if (offset + length > src.size) throw new DrStoreError(400, 'BAD_RANGE', `${offset}+${length} is outside the ${src.size}-byte disk`);
+          return src.read(offset, length);
+        }) };
+      } },
+      { method: 'POST', path: '/v1/dr/vms/:vm/stop', access: 'write', handler: async (ctx) => {
+        const b = parseBody(BootBody, await ctx.body());
+        return { json: await mapErr(() => this.stopActive(vm(ctx), (b.timeoutS ?? 60) * 1000)) };
+      } },
+      { method: 'POST', path: '/v1/dr/vms/:vm/deactivate', access: 'write', handler: async (ctx) => {
+        const b = parseBody(z.object({ to: bodyField.string() }), await ctx.body());
+        return { json: await mapErr(() => this.deactivate(vm(ctx), b.to)) };
       } },
       { method: 'POST', path: '/v1/dr/vms/:vm/activate', access: 'write', handler: async (ctx) => {
         const b = parseBody(BootBody, await ctx.body());
@@ -208,6 +236,48 @@ export class DrTarget {
     });
   }
 
+  /** Fail-back: the disk the primary site reads (failback.ts), only for a VM activated here. */
+  private failbackSource(vm: string, stage: FailbackStage): Promise<NbdClient> {
+    const a = this.store.points(vm).activated;
+    if (!a) throw new DrStoreError(409, 'DR_NOT_ACTIVATED', `${vm} was not failed over to this DR site: nothing to fail back`);
+    const dir = this.store.dir(vm);
+    const file = stage === 'seed' ? this.store.pointFile(vm, a.point).path : join(dir, 'active.qcow2');
+    return this.sources.get(vm, stage, file, dir);
+  }
+
+  /** Fail-back's planned stop: the VM's QEMU here ends (SIGTERM: QEMU flushes its disk and exits; SIGKILL after the timeout). */
+  async stopActive(vm: string, timeoutMs: number): Promise<{ stopped: boolean; pid: number | null; ms: number }> {
+    if (!this.store.points(vm).activated) throw new DrStoreError(409, 'DR_NOT_ACTIVATED', `${vm} does not run at this DR site`);
+    const dir = this.store.dir(vm), pid = activePid(dir), t0 = performance.now();
+    if (pid === null) return { stopped: true, pid: null, ms: 0 };
+    this.log.warn('DR fail-back: stopping the VM at the DR site', { vm, pid });
+    process.kill(pid, 'SIGTERM');
+    while (activePid(dir) !== null && performance.now() - t0 < timeoutMs) await new Promise((r) => setTimeout(r, 100));
+    if (activePid(dir) !== null) { process.kill(pid, 'SIGKILL'); await new Promise((r) => setTimeout(r, 500)); }
+    rmSync(join(dir, 'active.pid'), { force: true });
+    return { stopped: true, pid, ms: Math.round(performance.now() - t0) };
+  }
+
+  /** The VM is back at the primary site: the lease is released for it, the DR copy discarded, points are taken in again. */
+  async deactivate(vm: string, to: string): Promise<{ released: boolean; epoch: number | null }> {
+    const a = this.store.points(vm).activated;
+    if (!a) throw new DrStoreError(409, 'DR_NOT_ACTIVATED', `${vm} does not run at this DR site`);
+    const dir = this.store.dir(vm);
+    if (activePid(dir) !== null) throw new DrStoreError(409, 'DR_VM_RUNNING', `${vm} still runs at the DR site: stop it first`);
+    this.sources.close(vm);
+    clearInterval(this.leaseTimers.get(vm));
+    this.leaseTimers.delete(vm);
+    let released = false;
+    if (this.witness && a.epoch !== null) {
+      released = (await this.witness.release(vm, { node: this.c.node.name, epoch: a.epoch }, 5000).catch(() => ({ status: 0 }))).status === 200;
+    }
+    this.store.markActivated(vm, null);
+    this.store.unpinAll(vm);
+    rmSync(join(dir, 'active.qcow2'), { force: true });
+    this.log.warn('DR fail-back: the VM went back to the primary site', { vm, to, epoch: a.epoch, leaseReleased: released });
+    return { released, epoch: a.epoch };
+  }
+
   /** The VM's lease at an epoch above any the pair used, then kept renewed. */
   private async takeLease(vm: string, minEpoch: number, timeoutMs: number): Promise<{ epoch: number; holder: string }> {
     const w = this.witness!, leaseMs = this.c.witness!.lease_ms, node = this.c.node.name;
@@ -263,6 +333,7 @@ export class DrTarget {
     for (const t of this.leaseTimers.values()) clearInterval(t);
     await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
     this.server?.closeAllConnections?.();
+    this.sources.close();
     await this.store.close();
     this.witness?.close();
   }
