@@ -102,7 +102,7 @@ test('the installed collection holds the roles, the playbooks and the modules (n
   t.regex(readFileSync(join(installed, 'meta/runtime.yml'), 'utf8'), /^requires_ansible: "?>=2\.14/m);
 });
 
-// A playbook's FQCN cannot contain "-" (dr-test, dr-failover): those are run by their path in the
+// A playbook's FQCN cannot contain "-" (dr-test, dr-failover, dr-failback): those are run by their path in the
 // installed collection.
 const byFqcn = (pb: string) => /^[a-z_][a-z0-9_]*$/.test(pb);
 for (const pb of playbooks) {

@@ -1,4 +1,4 @@
-// playbooks/dr-test.yml and playbooks/dr-failover.yml against a real DR target (agent/src/dr/
+// playbooks/dr-test.yml, dr-failover.yml and dr-failback.yml against a real DR target (agent/src/dr/
 // target.ts, in this process, plain HTTP on 127.0.0.1) holding a real recovery point (qemu-img,
 // qemu-nbd); its "QEMU" is a stand-in that answers the guest's probe, and `ip` is a no-op. The DR
 // host is this machine (connection local); the pairs' hosts are unreachable (a closed port), or
@@ -91,19 +91,21 @@ test.after.always(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-/** The inventory: dr1 = this machine; pair_t (drdb, web) and pair_u (api) on hosts that do not answer, unless `reachable`. */
-function inventory(o: { reachable?: boolean } = {}): string {
+/** The inventory: dr1 = this machine; pair_t (drdb, web) and pair_u (api) on hosts that do not answer, unless `reachable`
+ *  (hostA answers) or `pairUp` (hostA and hostB answer). */
+function inventory(o: { reachable?: boolean; pairUp?: boolean } = {}): string {
   const local = { ansible_connection: 'local', ansible_python_interpreter: process.env.FTKVM_TEST_PYTHON ?? '/usr/bin/python3', ansible_become: false };
   const down = { ansible_connection: 'ssh', ansible_host: '127.0.0.1', ansible_port: 1, ansible_python_interpreter: '/usr/bin/python3' };
-  const f = join(dir, `inventory-${o.reachable ? 'up' : 'down'}.yml`);
+  const f = join(dir, `inventory-${o.pairUp ? 'pair-up' : o.reachable ? 'up' : 'down'}.yml`);
+  const up = { ...local, ftkvm_agent_service: 'ftkvm-test-no-such-unit', ftkvm_images_dir: join(dir, 'images') };
   writeFileSync(f, stringify({
     all: {
       vars: { ftkvm_tls: false, ftkvm_dr_report_dir: reports },
       children: {
         ftkvm_dr: { hosts: { dr1: { ...local, ftkvm_dr_listen_address: '127.0.0.1', ftkvm_dr_port: ctx.port, ftkvm_dr_token_file: join(dir, 'dr-token') } } },
         ftkvm_pairs: { children: {
-          pair_t: { hosts: { hostA: o.reachable ? { ...local, ftkvm_agent_service: 'ftkvm-test-no-such-unit' } : down, hostB: down }, vars: { ftkvm_vms: [
-            { name: 'drdb', probe: { address: '10.9.3.10', port: 7000 }, dr: { target: 'dr1' } },
+          pair_t: { hosts: { hostA: o.reachable || o.pairUp ? up : down, hostB: o.pairUp ? up : down }, vars: { ftkvm_vms: [
+            { name: 'drdb', probe: { address: '10.9.3.10', port: 7000 }, dr: { target: 'dr1' }, preferred_primary: 'hostB' },
             { name: 'web', dr: { target: 'https://dr.example.net:7610' } },
             { name: 'app' },
           ] } },
@@ -230,4 +232,85 @@ test.serial('check mode: dr-failover and dr-test call nothing', async (t) => {
   const d = await playbook('dr-test.yml', inventory(), {}, ['--check']);
   t.is(d.code, 0, d.out);
   t.deepEqual(drCalls(), []);
+});
+
+/** drdb runs at the DR site (dr-failover's test activates it; again here when run alone). */
+async function drdbActivated(): Promise<void> {
+  if (ctx.target.store.points('drdb').activated) return;
+  const r = await fetch(`http://127.0.0.1:${ctx.port}/v1/dr/vms/drdb/activate`, {
+    method: 'POST', headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify({ timeoutS: 60, confirmSiteLost: true }),
+  });
+  if (r.status !== 200) throw new Error(`activate: ${r.status} ${await r.text()}`);
+}
+
+test.serial('dr-failback refuses a wrong request before calling anything', async (t) => {
+  ctx.requests.length = 0;
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{}, /ftkvm_dr_vms is required: the VMs to bring back from the DR site to their pair, named one by one, e\.g\. -e ftkvm_dr_vms=db1,web1 \(VMs with a DR target: drdb, web, api\)/],
+    [{ ftkvm_dr_vms: 'drdb', ftkvm_dr_failback_host: 'hostC' }, /ftkvm_dr_failback_host: hostC is not a host of pair_t \(hostA, hostB\), the pair of drdb/],
+    [{ ftkvm_dr_vms: 'drdb', ftkvm_dr_protect_timeout: 'soon' }, /ftkvm_dr_protect_timeout must be a number of seconds from 1 to 86400, got "soon"/],
+  ];
+  for (const [extra, re] of cases) {
+    const r = await playbook('dr-failback.yml', inventory(), extra);
+    t.not(r.code, 0, `${JSON.stringify(extra)}: ${r.out}`);
+    t.regex(r.out, re, r.out);
+  }
+  t.deepEqual(drCalls(), [], 'nothing was called');
+});
+
+test.serial('dr-failback refuses, naming the host, unless both hosts of the pair answer: nothing changed', async (t) => {
+  await drdbActivated();
+  ctx.requests.length = 0;
+  const r = await playbook('dr-failback.yml', inventory({ reachable: true }), { ftkvm_dr_vms: ['drdb'] });
+  t.not(r.code, 0, r.out);
+  t.regex(r.out, /nothing was changed: hostB does not answer \(.*\)\. A fail-back of pair_t\/drdb needs both hosts\s+of its pair up/, r.out);
+  t.notRegex(r.out, /hostA does not answer/, r.out);
+  t.deepEqual(drCalls(), [], 'the DR target was not asked');
+  t.truthy(ctx.target.store.points('drdb').activated, 'the VM still runs at the DR site');
+});
+
+test.serial('dr-failback refuses while a QEMU of the VM runs on the pair: nothing changed', async (t) => {
+  await drdbActivated();
+  ctx.requests.length = 0;
+  const q = spawn('bash', ['-c', 'exec -a "qemu-system-x86_64 -name guest=drdb,debug-threads=on" sleep 120'], { stdio: 'ignore' });
+  t.teardown(() => { q.kill('SIGKILL'); });
+  await new Promise((res) => setTimeout(res, 300));
+  const r = await playbook('dr-failback.yml', inventory({ pairUp: true }), { ftkvm_dr_vms: ['drdb'] });
+  t.not(r.code, 0, r.out);
+  t.regex(r.out, new RegExp(`nothing was changed: a QEMU of drdb runs on hostA \\(QEMU pid ${q.pid}\\); hostB \\(QEMU pid ${q.pid}\\)`), r.out);
+  t.notRegex(r.out, /TASK \[Stop the ftkvm agent/, r.out);
+  t.deepEqual(drCalls(), [], 'the DR target was not asked');
+});
+
+test.serial('check mode: dr-failback only reads (the DR target\'s view of the VM) and says what it would do', async (t) => {
+  await drdbActivated();
+  const before = ctx.target.store.points('drdb');
+  const reportsBefore = readdirSync(reports).length;
+  ctx.requests.length = 0;
+  const r = await playbook('dr-failback.yml', inventory({ pairUp: true }), { ftkvm_dr_vms: 'drdb', ftkvm_dr_stop_timeout: 30 }, ['--check']);
+  t.is(r.code, 0, r.out);
+  t.deepEqual(drCalls().map((c) => [c.method, c.url, c.auth]), [['GET', '/v1/dr/vms/drdb', `Bearer ${TOKEN}`]], 'one read, nothing else');
+  t.regex(r.out, new RegExp(`pair_t/drdb runs at the DR site dr1 \\(activated from point ${before.activated!.point}\\); it would come back to hostB \\(node hostB\\)`), 'preferred_primary is the pulling host');
+  t.regex(r.out, new RegExp(`create an empty qcow2 disk ${join(dir, 'images', 'drdb.qcow2').replaceAll('/', '\\/')} of 1048576 bytes on hostB \\(missing there\\)`), r.out);
+  t.regex(r.out, /planned stop at the DR site \(timeout 30 s\)/, r.out);
+  t.regex(r.out, /changed=0/, r.out);
+  t.notRegex(r.out, /changed=[1-9]/, r.out);
+  t.false(existsSync(join(dir, 'images')), 'no disk created');
+  t.deepEqual(ctx.target.store.points('drdb').activated, before.activated, 'the VM still runs at the DR site');
+  t.is(readdirSync(reports).length, reportsBefore, 'no report saved');
+});
+
+test.serial('dr-failback: a failure before the planned stop leaves the VM at the DR site, says so and saves a report (here: no systemd unit)', async (t) => {
+  await drdbActivated();
+  const before = ctx.target.store.points('drdb');
+  const n = saved('dr-failback').length;
+  ctx.requests.length = 0;
+  const r = await playbook('dr-failback.yml', inventory({ pairUp: true }), { ftkvm_dr_vms: 'pair_t/drdb', ftkvm_dr_failback_host: 'hostA' });
+  t.not(r.code, 0, r.out);
+  t.regex(r.out, /the fail-back of pair_t\/drdb stopped at "Stop the ftkvm agent on both hosts of the pair": One or more items failed; hostA: .+; hostB: .+\. The VM still runs at the DR site \(it was not stopped there\)/s, r.out);
+  t.deepEqual(drCalls().map((c) => `${c.method} ${c.url}`), ['GET /v1/dr/vms/drdb'], 'no stop, no release');
+  t.deepEqual(ctx.target.store.points('drdb').activated, before.activated);
+  const s = saved('dr-failback');
+  t.is(s.length, n + 1);
+  t.like(s.at(-1)!.j, { kind: 'dr-failback', pair: 'pair_t', vm: 'drdb', drHost: 'dr1', host: 'hostA', node: 'hostA', ok: false, failedAt: 'Stop the ftkvm agent on both hosts of the pair', stop: {}, deactivate: {} });
 });
