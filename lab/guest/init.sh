@@ -6,6 +6,8 @@
 #   ftkvm.dirty_mib=N      also run a memory-dirtying loop over N MiB, printing "work N" (bench)
 #   ftkvm.fill_mib=N       before the services start, fill N MiB of RAM (tmpfs) with non-zero
 #                          data and keep it: memory a migration must really copy (bench)
+#   ftkvm.disk_kib_s=N     also write about N KiB/s of random data to /dev/vda in 64 KiB blocks at
+#   ftkvm.disk_span_mib=S  random places of the S MiB (default 64) after the first MiB (bench/dr)
 #   ftkvm.tcpview_s=N      every N s print the guest's own view of its port-7000 TCP connections
 #                          (/proc/net/tcp{,6} rows: queues, timers, retransmits) as "tcpview ..." (soak)
 # Disk layout (/dev/vda, 512-byte sectors, read with O_DIRECT so values come from the disk):
@@ -31,6 +33,18 @@ if [ -n "$IP" ]; then
   nc -ll -p 7000 -e /bin/txn-handler &
 fi
 if [ -n "$DIRTY" ]; then /bin/dirty-loop "$DIRTY" & fi
+DISKW=$(arg ftkvm.disk_kib_s); SPAN=$(arg ftkvm.disk_span_mib)
+if [ -n "$DISKW" ]; then
+  ( blocks=$(( ${SPAN:-64} * 16 )); per=$(( (DISKW + 63) / 64 ))
+    while true; do
+      i=0
+      while [ $i -lt $per ]; do
+        dd if=/dev/urandom of=/dev/vda bs=64k seek=$(( 16 + RANDOM % blocks )) count=1 conv=notrunc oflag=direct 2>/dev/null
+        i=$((i+1))
+      done
+      sleep 1
+    done ) &
+fi
 FILL=$(arg ftkvm.fill_mib)
 if [ -n "$FILL" ]; then
   mkdir -p /run/fill; mount -t tmpfs -o size=$((FILL+8))m tmpfs /run/fill

@@ -41,11 +41,8 @@ export interface FleeceStarted {
   next: string;
 }
 
-/**
- * Removes what an interrupted point left (export, job, fleece node) and settles the bitmaps to
- * at most one recording one (a frozen leftover is merged into it: nothing written is forgotten).
- */
-export async function drCleanup(q: QmpLike): Promise<void> {
+/** The point's QMP objects go: export, NBD server, fleece job and node (idempotent). */
+async function removePointObjects(q: QmpLike): Promise<void> {
   await step('dr block-export-del', () => ignoreMissing(() => q.execute('block-export-del', { id: DR_EXPORT, mode: 'hard' })));
   await step('dr nbd-server-stop', () => ignoreMissing(() => q.execute('nbd-server-stop')));
   const jobs = await q.execute<{ device: string }[]>('query-block-jobs');
@@ -54,6 +51,14 @@ export async function drCleanup(q: QmpLike): Promise<void> {
     for (let i = 0; i < 100 && (await q.execute<{ device: string }[]>('query-block-jobs')).some((j) => j.device === DR_FLEECE_JOB); i++) await new Promise((r) => setTimeout(r, 20));
   }
   if (await hasNode(q, DR_FLEECE_NODE)) await step('dr blockdev-del fleece', () => q.execute('blockdev-del', { 'node-name': DR_FLEECE_NODE }));
+}
+
+/**
+ * Removes what an interrupted point left (export, job, fleece node) and settles the bitmaps to
+ * at most one recording one (a frozen leftover is merged into it: nothing written is forgotten).
+ */
+export async function drCleanup(q: QmpLike): Promise<void> {
+  await removePointObjects(q);
   const bms = await drBitmaps(q);
   const live = bms.find(recording);
   for (const b of bms.filter((x) => !recording(x))) {
@@ -93,10 +98,13 @@ export async function drExport(q: QmpLike, socketPath: string, bitmap: string | 
 }
 
 /**
- * Ends the point: export, job and fleece go. Shipped: the frozen bitmap is dropped (the DR
- * host has everything it recorded). Not shipped: it is merged into the recording one.
+ * Ends the point: export, job and fleece go first (an exported bitmap is busy and cannot be
+ * removed). Shipped: the frozen bitmap is dropped (the DR host has everything it recorded). Not
+ * shipped: it is merged into the recording one. A bitmap left frozen here would be merged into
+ * the next point's (drCleanup): that point would then ship everything since the last but one.
  */
 export async function drFinish(q: QmpLike, started: FleeceStarted | null, shipped: boolean): Promise<void> {
+  await removePointObjects(q);
   if (started?.frozen) {
     if (!shipped) await step('dr bitmap merge back', () => ignoreMissing(() => q.execute('block-dirty-bitmap-merge', { node: DISK, target: started.next, bitmaps: [started.frozen!] })));
     await step('dr bitmap remove', () => ignoreMissing(() => q.execute('block-dirty-bitmap-remove', { node: DISK, name: started.frozen! })));
