@@ -14,6 +14,7 @@ import { execFileSync } from 'node:child_process';
 import { QmpClient } from '../../agent/src/qmp/client.ts';
 import { unixSocketConnector } from '../../agent/src/qmp/transport.ts';
 import { NbdClient, STATE_DIRTY } from '../../agent/src/nbd/client.ts';
+import { replicationChild } from '../../agent/src/colo/sequences.ts';
 import { DR_EXPORT, drBitmaps, drCleanup, drExport, drFinish, drFleeceStart } from '../../agent/src/dr/qmp.ts';
 
 const KiB = 1024, MiB = 1024 * KiB;
@@ -75,4 +76,20 @@ test('each delta holds exactly the writes since the last point shipped; the view
   t.deepEqual(jobs, [], 'no fleece job left');
   await drCleanup(q); // idempotent
   t.is((await drBitmaps(q)).length, 1);
+});
+
+test('dropping the replica while a DR point runs: the replication child is removed from the quorum itself, not from the filter above it', async (t) => {
+  const { q, point } = await withQemu(t);
+  // A second quorum child named as the primary's replication child (null-co stands in for the NBD client).
+  await q.execute('blockdev-add', { driver: 'null-co', 'node-name': 'replication0', size: 16 * MiB });
+  await q.execute('x-blockdev-change', { parent: 'colo-disk0', node: 'replication0' });
+  await point(1, true, async () => {
+    const child = await replicationChild(q);
+    t.truthy(child, 'found under the copy-before-write filter');
+    t.not(child!.parent, 'colo-disk0', 'the quorum by its node name');
+    const byDevice = await q.execute('x-blockdev-change', { parent: 'colo-disk0', child: child!.edge }).then(() => 'removed', (e: Error) => e.message);
+    t.regex(byDevice, /child|not/i, `by device name the filter is asked: ${byDevice}`);
+    await q.execute('x-blockdev-change', { parent: child!.parent, child: child!.edge });
+    t.is(await replicationChild(q), undefined, 'removed from the quorum');
+  });
 });

@@ -230,14 +230,18 @@ export async function primaryStartColo(q: QmpLike, a: PrimaryAddrs, checkpointDe
 }
 
 /**
- * Name of the quorum edge that holds replication0 ("children.1" normally; the index can grow
- * on re-adds). `colo-disk0` names the BlockBackend, whose root is the quorum node.
+ * The quorum edge that holds replication0 ("children.1" normally; the index can grow on
+ * re-adds) and the quorum's node name. Not `colo-disk0`: that names the BlockBackend, whose
+ * root is the quorum only while no filter sits above it (a DR point's copy-before-write filter
+ * does: dr/qmp.ts), and x-blockdev-change would then look for the child on the filter.
  */
-async function replicationChildName(q: QmpLike): Promise<string | undefined> {
+export async function replicationChild(q: QmpLike): Promise<{ edge: string; parent: string } | undefined> {
   const g = await q.execute<{ nodes: { id: number; name: string }[]; edges: { parent: number; child: number; name: string }[] }>('x-debug-query-block-graph');
   const child = g.nodes.find((n) => n.name === 'replication0');
   if (!child) return undefined;
-  return g.edges.find((e) => e.child === child.id && e.name.startsWith('children.'))?.name;
+  const e = g.edges.find((x) => x.child === child.id && x.name.startsWith('children.'));
+  if (!e) return undefined;
+  return { edge: e.name, parent: g.nodes.find((n) => n.id === e.parent)?.name || 'colo-disk0' };
 }
 
 /**
@@ -247,8 +251,8 @@ async function replicationChildName(q: QmpLike): Promise<string | undefined> {
  */
 export async function primaryDropSecondary(q: QmpLike, opts: { inColo: boolean }): Promise<void> {
   await step('cancel resync', () => cancelMirror(q));
-  const child = await step('find replication child', () => replicationChildName(q));
-  if (child) await step('x-blockdev-change del', () => q.execute('x-blockdev-change', { parent: 'colo-disk0', child }));
+  const child = await step('find replication child', () => replicationChild(q));
+  if (child) await step('x-blockdev-change del', () => q.execute('x-blockdev-change', { parent: child.parent, child: child.edge }));
   if (await hasNode(q, 'replication0')) await step('drive_del replication0', () => hmpChecked(q, 'drive_del replication0'));
   for (const id of ['comp0', 'iothread1', 'm0', 'redire0', 'redire1']) {
     await step(`object-del ${id}`, async () => { if (await hasObject(q, id)) await q.execute('object-del', { id }); });
