@@ -89,8 +89,12 @@ test('refused: a stale primary, and any point once the VM was activated at the D
     await store.abort('db', q.id);
     t.false(readdirSync(store.dir('db')).some((f) => f.startsWith('pending-')), 'no pending file after an abort');
     await t.throwsAsync(store.write('db', q.id, 0, fill(1)), { code: 'NO_PENDING_POINT' });
-    store.markActivated('db', { at: Date.now(), point: p.id, epoch: 6 });
-    await t.throwsAsync(begin(store, 7), { code: 'DR_ACTIVATED' });
+    const newer = await begin(store, 6);
+    await t.throwsAsync(begin(store, 5), { code: 'STALE_EPOCH' }, 'an older primary cannot cut short a newer one\'s point');
+    store.markActivated('db', { at: Date.now(), point: p.id, epoch: 7 });
+    await t.throwsAsync(store.commit('db', newer.id, { mode: 'delta', bytesShipped: 0 }), { code: 'DR_ACTIVATED' }, 'a point begun before the activation does not land after it');
+    t.deepEqual(store.points('db').points.map((x) => x.id), [p.id]);
+    await t.throwsAsync(begin(store, 8), { code: 'DR_ACTIVATED' });
   } finally { await done(); }
 });
 

@@ -19,7 +19,8 @@ export function activePid(dir: string): number | null {
   try {
     const pid = Number(readFileSync(join(dir, 'active.pid'), 'utf8').trim());
     if (!pid) return null;
-    process.kill(pid, 0);
+    // That pid is our QEMU (the pidfile may outlive it, and pids are reused).
+    if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('-active,debug-threads=on')) return null;
     return pid;
   } catch { return null; }
 }
@@ -37,6 +38,7 @@ export class FailbackSources {
     const sock = join(dir, `failback-${stage}.sock`);
     rmSync(sock, { force: true });
     const proc = spawn(this.nbdBinary, ['--socket', sock, '--format', 'qcow2', '--read-only', '--shared', '4', '--persistent', file], { stdio: 'ignore' });
+    proc.on('error', () => undefined); // a missing binary: the wait below times out with a clear error
     let nbd: NbdClient | null = null;
     for (let i = 0; i < 200 && !nbd && proc.exitCode === null; i++) {
       if (existsSync(sock)) nbd = await NbdClient.connect({ path: sock }, '', 5000).catch(() => null);

@@ -55,11 +55,11 @@ export class DrTargetClient {
     this.dispatcher = new Agent({ connectTimeout: 5000, keepAliveTimeout: 30_000, connect: caFile ? { ca: readFileSync(caFile) } : undefined });
   }
 
-  private async call(method: 'GET' | 'POST' | 'PUT', path: string, body: unknown, timeoutMs: number, raw?: Buffer): Promise<{ json?: unknown; bytes?: Buffer }> {
+  private async call(method: 'GET' | 'POST' | 'PUT', path: string, body: unknown, timeoutMs: number, raw?: Buffer, signal?: AbortSignal): Promise<{ json?: unknown; bytes?: Buffer }> {
     let res;
     try {
       res = await request(`${this.base.replace(/\/$/, '')}${path}`, {
-        method, dispatcher: this.dispatcher, headersTimeout: timeoutMs, bodyTimeout: timeoutMs,
+        method, dispatcher: this.dispatcher, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, signal,
         headers: { authorization: `Bearer ${this.token()}`, 'content-type': raw ? 'application/octet-stream' : 'application/json' },
         body: raw ?? (body === undefined ? undefined : JSON.stringify(body)),
       });
@@ -77,15 +77,16 @@ export class DrTargetClient {
   }
 
   async points(vm: string): Promise<VmPoints> { return (await this.call('GET', `/v1/dr/vms/${vm}`, undefined, 10_000)).json as VmPoints; }
-  async begin(vm: string, b: { sizeBytes: number; capturedAt: number; from: string; epoch: number; keep: number }): Promise<{ id: string; newest: string | null }> {
-    return (await this.call('POST', `/v1/dr/vms/${vm}/points`, b, 60_000)).json as { id: string; newest: string | null };
+  // A re-protection aborts a point in flight: `signal` ends the request at once.
+  async begin(vm: string, signal: AbortSignal, b: { sizeBytes: number; capturedAt: number; from: string; epoch: number; keep: number }): Promise<{ id: string; newest: string | null }> {
+    return (await this.call('POST', `/v1/dr/vms/${vm}/points`, b, 60_000, undefined, signal)).json as { id: string; newest: string | null };
   }
-  async digests(vm: string, id: string, chunkBytes: number): Promise<Buffer> {
-    return (await this.call('POST', `/v1/dr/vms/${vm}/points/${id}/digests`, { chunkBytes }, 3600_000)).bytes!;
+  async digests(vm: string, id: string, chunkBytes: number, signal?: AbortSignal): Promise<Buffer> {
+    return (await this.call('POST', `/v1/dr/vms/${vm}/points/${id}/digests`, { chunkBytes }, 3600_000, undefined, signal)).bytes!;
   }
-  async put(vm: string, id: string, offset: number, data: Buffer): Promise<void> { await this.call('PUT', `/v1/dr/vms/${vm}/points/${id}/data?offset=${offset}`, undefined, 120_000, data); }
-  async commit(vm: string, id: string, b: { mode: RecoveryPoint['mode']; bytesShipped: number }): Promise<RecoveryPoint> {
-    return ((await this.call('POST', `/v1/dr/vms/${vm}/points/${id}/commit`, b, 600_000)).json as { point: RecoveryPoint }).point;
+  async put(vm: string, id: string, offset: number, data: Buffer, signal?: AbortSignal): Promise<void> { await this.call('PUT', `/v1/dr/vms/${vm}/points/${id}/data?offset=${offset}`, undefined, 120_000, data, signal); }
+  async commit(vm: string, id: string, b: { mode: RecoveryPoint['mode']; bytesShipped: number }, signal?: AbortSignal): Promise<RecoveryPoint> {
+    return ((await this.call('POST', `/v1/dr/vms/${vm}/points/${id}/commit`, b, 600_000, undefined, signal)).json as { point: RecoveryPoint }).point;
   }
   async abort(vm: string, id: string): Promise<void> { await this.call('POST', `/v1/dr/vms/${vm}/points/${id}/abort`, {}, 60_000); }
   close(): Promise<void> { return this.dispatcher.close(); }

@@ -145,7 +145,7 @@ export class DrShipper {
       // The DR host first: an unreachable one costs this QEMU nothing. capturedAt is taken before
       // the view (the point's data is at least that fresh: its age is never understated).
       const capturedAt = c.d.clock.now();
-      const begin = await this.client.begin(c.name, { sizeBytes: size, capturedAt, from: c.d.config.node.name, epoch: Math.max(1, c.durable().primaryEpoch), keep: this.dr.keep });
+      const begin = await this.client.begin(c.name, abort.signal, { sizeBytes: size, capturedAt, from: c.d.config.node.name, epoch: Math.max(1, c.durable().primaryEpoch), keep: this.dr.keep });
       pendingId = begin.id;
       check();
       rmSync(fleece, { force: true }); rmSync(sock, { force: true });
@@ -163,7 +163,7 @@ export class DrShipper {
       this.st.phase = 'comparing';
       const ranges = delta ? await dirtyRanges(nbd, bitmapCtx)
         : mode === 'full' ? chunkRanges(await zeroChunks(nbd, DR_CHUNK_BYTES), 0, size)
-          : await this.differing(nbd, begin.id, size, check);
+          : await this.differing(nbd, begin.id, size, check, abort.signal);
       const planned = ranges.reduce((s, r) => s + r[1], 0);
       this.st.current.bytesPlanned = planned;
       this.st.phase = 'sending';
@@ -171,13 +171,13 @@ export class DrShipper {
       for (const [off, len] of splitRanges(ranges, DR_CHUNK_BYTES)) {
         check();
         await this.limiter.take(len);
-        await this.client.put(c.name, begin.id, off, await nbd.read(off, len));
+        await this.client.put(c.name, begin.id, off, await nbd.read(off, len), abort.signal);
         done += len;
         this.st.current.bytesDone = done;
       }
       check();
       this.st.phase = 'committing';
-      const point = await this.client.commit(c.name, begin.id, { mode, bytesShipped: done });
+      const point = await this.client.commit(c.name, begin.id, { mode, bytesShipped: done }, abort.signal);
       shipped = true;
       pendingId = null;
       this.base = { id: point.id, qemuPid: pid, sizeBytes: size };
@@ -197,15 +197,18 @@ export class DrShipper {
       if (pendingId) await this.client.abort(c.name, pendingId).catch(() => undefined);
     } finally {
       nbd?.close();
-      try { if (c.qemu?.qmp === q) await drFinish(q, started, shipped); } catch (e) { c.log.warn('DR: cleanup of the point-in-time view failed (retried at the next point)', { error: errorMessage(e) }); }
+      try { if (c.qemu?.qmp === q) await drFinish(q, started, shipped); } catch (e) {
+        this.cleanedPid = null; // a re-protection checks again before its own block jobs
+        c.log.warn('DR: cleanup of the point-in-time view failed (retried before a re-protection and at the next point)', { error: errorMessage(e) });
+      }
       rmSync(fleece, { force: true }); rmSync(sock, { force: true });
     }
   }
 
   /** The chunks whose digests differ from the DR host's newest point. */
-  private async differing(nbd: NbdClient, id: string, size: number, check: () => void): Promise<[number, number][]> {
+  private async differing(nbd: NbdClient, id: string, size: number, check: () => void, signal: AbortSignal): Promise<[number, number][]> {
     const [remote, local] = await Promise.all([
-      this.client.digests(this.c.name, id, DR_CHUNK_BYTES),
+      this.client.digests(this.c.name, id, DR_CHUNK_BYTES, signal),
       chunkDigests(nbd, DR_CHUNK_BYTES, () => check()),
     ]);
     const diff = differingChunks(local, remote);

@@ -29,6 +29,8 @@ interface Pending {
   id: string; file: string; sock: string; proc: ChildProcess; nbd: NbdClient;
   sizeBytes: number; capturedAt: number; from: string; epoch: number; keep: number; base: string | null;
   written: number; touchedMono: number;
+  /** Requests on it in progress (a long digest must not let it expire). */
+  inUse: number;
 }
 
 export class DrStoreError extends FtkvmError {
@@ -104,7 +106,11 @@ export class DrStore {
       if (m.activated) throw new DrStoreError(409, 'DR_ACTIVATED', `${vm} was activated at this DR site (${new Date(m.activated.at).toISOString()}): no more recovery points are taken in; fail back first`);
       const newest = m.points.at(-1);
       if (newest && b.epoch < newest.epoch) throw new DrStoreError(409, 'STALE_EPOCH', `${vm}: epoch ${b.epoch} is older than the newest point's (${newest.epoch}, from ${newest.from}): a stale primary`);
-      for (const p of [...this.pending.values()].filter((x) => x.id.startsWith(`${vm}/`))) await this.drop(p, 'a newer point began');
+      for (const p of [...this.pending.values()].filter((x) => x.id.startsWith(`${vm}/`))) {
+        // A point from an older primary must not cut short the newer primary's.
+        if (p.epoch > b.epoch) throw new DrStoreError(409, 'STALE_EPOCH', `${vm}: a point from epoch ${p.epoch} (${p.from}) is being received; epoch ${b.epoch} is older`);
+        await this.drop(p, 'a newer point began');
+      }
       const id = randomUUID();
       const dir = this.dir(vm);
       mkdirSync(dir, { recursive: true });
@@ -112,8 +118,9 @@ export class DrStore {
       const base = newest && newest.sizeBytes === b.sizeBytes ? newest : null;
       await this.d.exec(this.d.imgBinary, ['create', '-q', '-f', 'qcow2', ...(base ? ['-b', base.file, '-F', 'qcow2'] : []), file, String(b.sizeBytes)], { timeoutMs: 60_000 });
       // Zeroes written become zero clusters (sparse, and correct over a backing file).
-      const proc = spawn(this.d.nbdBinary, ['--socket', sock, '--format', 'qcow2', '--cache', 'writeback', '--discard', 'unmap', '--detect-zeroes', 'unmap', '--persistent', file], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const proc: ChildProcess = spawn(this.d.nbdBinary, ['--socket', sock, '--format', 'qcow2', '--cache', 'writeback', '--discard', 'unmap', '--detect-zeroes', 'unmap', '--persistent', file], { stdio: ['ignore', 'ignore', 'pipe'] });
       let stderr = '';
+      proc.on('error', (e) => { stderr += `${e.message}\n`; });
       proc.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
       let nbd: NbdClient | null = null;
       for (let i = 0; i < 200 && !nbd; i++) {
@@ -123,7 +130,7 @@ export class DrStore {
       }
       if (!nbd) { proc.kill('SIGKILL'); rmSync(file, { force: true }); throw new DrStoreError(500, 'DR_STORE_FAILED', `qemu-nbd did not serve ${file}: ${stderr.trim() || 'no answer within 10 s'}`); }
       const key = `${vm}/${id}`;
-      this.pending.set(key, { id: key, file, sock, proc, nbd, sizeBytes: b.sizeBytes, capturedAt: b.capturedAt, from: b.from, epoch: b.epoch, keep: b.keep, base: base?.id ?? null, written: 0, touchedMono: performance.now() });
+      this.pending.set(key, { id: key, file, sock, proc, nbd, sizeBytes: b.sizeBytes, capturedAt: b.capturedAt, from: b.from, epoch: b.epoch, keep: b.keep, base: base?.id ?? null, written: 0, touchedMono: performance.now(), inUse: 0 });
       this.d.log.info('DR: receiving a recovery point', { vm, id, from: b.from, epoch: b.epoch, on: base?.id ?? 'nothing (a new chain)' });
       return { id, newest: base?.id ?? null };
     });
@@ -136,14 +143,20 @@ export class DrStore {
     return p;
   }
 
+  private async using<T>(p: Pending, f: () => Promise<T>): Promise<T> {
+    p.inUse++;
+    try { return await f(); } finally { p.inUse--; p.touchedMono = performance.now(); }
+  }
+
   async digests(vm: string, id: string, chunkBytes: number): Promise<Buffer> {
-    return chunkDigests(this.pendingOf(vm, id).nbd, chunkBytes);
+    const p = this.pendingOf(vm, id);
+    return this.using(p, () => chunkDigests(p.nbd, chunkBytes));
   }
 
   async write(vm: string, id: string, offset: number, data: Buffer): Promise<void> {
     const p = this.pendingOf(vm, id);
     if (!Number.isSafeInteger(offset) || offset < 0 || offset + data.length > p.sizeBytes) throw new DrStoreError(400, 'BAD_RANGE', `${offset}+${data.length} is outside the ${p.sizeBytes}-byte disk`);
-    await p.nbd.write(offset, data);
+    await this.using(p, () => p.nbd.write(offset, data));
     p.written += data.length;
   }
 
@@ -151,6 +164,9 @@ export class DrStore {
     return this.serial(vm, async () => {
       const p = this.pendingOf(vm, id);
       this.pending.delete(p.id);
+      const now = this.manifest(vm);
+      const refuse = now.activated ? `${vm} was activated at this DR site meanwhile` : (now.points.at(-1)?.epoch ?? 0) > p.epoch ? `a point of a newer epoch (${now.points.at(-1)!.epoch}) landed meanwhile` : null;
+      if (refuse) { await this.discard(p); throw new DrStoreError(409, now.activated ? 'DR_ACTIVATED' : 'STALE_EPOCH', `${vm}: point ${id} not taken: ${refuse}`); }
       try {
         await p.nbd.flush();
         p.nbd.close();
@@ -187,7 +203,7 @@ export class DrStore {
   /** Drops pending points nobody wrote to for PENDING_IDLE_MS. */
   async expireIdle(): Promise<void> {
     for (const p of [...this.pending.values()]) {
-      if (performance.now() - p.touchedMono > PENDING_IDLE_MS) await this.serial(p.id.split('/')[0]!, () => this.drop(p, 'idle'));
+      if (p.inUse === 0 && performance.now() - p.touchedMono > PENDING_IDLE_MS) await this.serial(p.id.split('/')[0]!, () => this.drop(p, 'idle'));
     }
   }
 
@@ -219,8 +235,10 @@ export class DrStore {
       await this.d.exec(this.d.imgBinary, ['commit', '-q', join(dir, next.file)], { timeoutMs: 6 * 3600_000 });
       if (after && after.sizeBytes === next.sizeBytes) await this.d.exec(this.d.imgBinary, ['rebase', '-u', '-F', 'qcow2', '-b', oldest.file, join(dir, after.file)], { timeoutMs: 60_000 });
       const emptied = next.file;
-      next.file = oldest.file;
-      this.save(m);
+      const fresh = this.manifest(vm); // re-read: only this point's file changes here
+      const kept = fresh.points.find((x) => x.id === next.id);
+      if (kept) kept.file = oldest.file;
+      this.save(fresh);
       rmSync(join(dir, emptied), { force: true });
       this.d.log.info('DR: oldest recovery point dropped', { vm, id: oldest.id, keep });
     }

@@ -34,6 +34,9 @@ const BootBody = z.object({ point: bodyField.string().optional(), timeoutS: body
 const POINT_ID = /^[0-9a-f-]{36}$/;
 const FailbackDigestsBody = z.object({ stage: z.enum(['seed', 'final']), chunkBytes: bodyField.int(65536, 16 * 1024 * 1024) });
 
+/** The witness says another node holds the VM's lease and renews it: that node runs the VM. */
+class LeaseHeldError extends Error {}
+
 export interface TestReport { vm: string; point: RecoveryPoint; dataAgeS: number; answeredAfterMs: number; reply: string | null; discarded: true }
 export interface ActivateReport {
   vm: string; point: RecoveryPoint; pid: number;
@@ -102,7 +105,7 @@ export class DrTarget {
         return { bytes: await mapErr(() => this.store.digests(vm(ctx), id(ctx), chunk)) };
       } },
       { method: 'PUT', path: '/v1/dr/vms/:vm/points/:id/data', access: 'write', rawBodyMax: MAX_PUT_BYTES, handler: async (ctx) => {
-        const offset = Number(ctx.query.get('offset'));
+        const offset = ctx.query.get('offset') === null ? NaN : Number(ctx.query.get('offset'));
         await mapErr(async () => this.store.write(vm(ctx), id(ctx), offset, await ctx.raw()));
         return { json: { ok: true } };
       } },
@@ -123,7 +126,8 @@ export class DrTarget {
         return { bytes: await mapErr(async () => chunkDigests(await this.failbackSource(vm(ctx), b.stage), b.chunkBytes)) };
       } },
       { method: 'GET', path: '/v1/dr/vms/:vm/failback/data', access: 'write', handler: async (ctx) => {
-        const stage = ctx.query.get('stage'), offset = Number(ctx.query.get('offset')), length = Number(ctx.query.get('length'));
+        const q = (k: string) => (ctx.query.get(k) === null ? NaN : Number(ctx.query.get(k)));
+        const stage = ctx.query.get('stage'), offset = q('offset'), length = q('length');
         if (stage !== 'seed' && stage !== 'final') throw new HttpError(400, 'BAD_STAGE', 'stage must be seed or final');
         if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 1 || length > MAX_PUT_BYTES) throw new HttpError(400, 'BAD_RANGE', `offset and length (1..${MAX_PUT_BYTES}) must be integers`);
         return { bytes: await mapErr(async () => {
@@ -169,12 +173,13 @@ export class DrTarget {
   /** dr-test: boot a copy of a point isolated from every network, wait for the guest's answer, discard the copy. */
   test(vm: DrVm, pointId: string | undefined, timeoutMs: number): Promise<TestReport> {
     return this.exclusive(vm.name, 'test', async () => {
-      const unpin = this.store.pin(vm.name);
       const tag = `test-${Date.now()}`;
       const dir = this.store.dir(vm.name);
       let booted: Awaited<ReturnType<typeof bootPoint>> | null = null;
+      let unpin = () => undefined as void;
       try {
-        const { point, path } = this.store.pointFile(vm.name, pointId);
+        // Pinned under the store's per-VM queue: no prune commits into this chain while it boots.
+        const { point, path } = await this.store.serial(vm.name, async () => { const f = this.store.pointFile(vm.name, pointId); unpin = this.store.pin(vm.name); return f; });
         this.log.info('DR test: booting a copy of a recovery point, isolated', { vm: vm.name, point: point.id, capturedAt: new Date(point.capturedAt).toISOString() });
         booted = await bootPoint({ config: this.c, vm, pointFile: path, dir, tag, network: 'isolated', exec: this.exec, detached: false });
         const a = await waitGuestAnswers(booted.probeAt, vm.probe.request, timeoutMs);
@@ -198,14 +203,17 @@ export class DrTarget {
       const t0 = performance.now();
       const before = this.store.points(vm.name);
       if (before.activated) throw new HttpError(409, 'DR_ACTIVATED', `${vm.name} already runs at this DR site (since ${new Date(before.activated.at).toISOString()})`);
-      const { point, path } = this.store.pointFile(vm.name, o.point);
+      // Under the store's per-VM queue: a prune running now finishes first, none starts on this chain after.
+      const { point, path } = await this.store.serial(vm.name, async () => this.store.pointFile(vm.name, o.point));
       let lease: { epoch: number; holder: string } | null = null;
       let guarantee: string;
       if (this.witness) {
         try {
           lease = await this.takeLease(vm.name, Math.max(...before.points.map((p) => p.epoch), 0) + 1, Math.min(o.timeoutMs, 120_000));
-          guarantee = `the witness granted ${this.c.node.name} the lease at epoch ${lease.epoch}; renewed while the VM runs here, so neither primary-site host can start it`;
+          guarantee = `the witness granted ${this.c.node.name} the lease at epoch ${lease.epoch}; renewed while the VM runs here, so a primary-site host that restarts cannot start its copy. Not covered: a primary site still running but cut off from the witness (its two hosts keep running the VM while they hear each other): run a DR failover only for a site known lost`;
         } catch (e) {
+          // A holder the witness says is alive is never overridden, confirmation or not.
+          if (e instanceof LeaseHeldError) throw new HttpError(409, 'LEASE_HELD', `${vm.name}: ${e.message}; nothing was started: the primary site is not lost for this VM`);
           if (!o.confirmSiteLost) throw new HttpError(409, 'CONFIRMATION_REQUIRED', `${vm.name}: the witness did not grant the lease (${errorMessage(e)}); nothing was started. If both primary-site hosts are known down (powered off or fenced), repeat with confirmSiteLost: true`);
           guarantee = `NOT GUARANTEED: the witness was unreachable (${errorMessage(e)}); the operator confirmed the primary site is lost — a primary-site host that comes back with its agent running could start its own copy`;
         }
@@ -214,8 +222,12 @@ export class DrTarget {
         guarantee = 'NOT GUARANTEED: no witness; the operator confirmed the primary site is lost — keep its hosts off (or their ftkvm agents stopped) until fail-back';
       }
       const activatedAt = Date.now();
-      const unpin = this.store.pin(vm.name); // for as long as the VM runs on this chain
-      this.store.markActivated(vm.name, { at: activatedAt, point: point.id, epoch: lease?.epoch ?? null });
+      const unpin = await this.store.serial(vm.name, async () => {
+        if (!this.store.manifest(vm.name).points.some((x) => x.id === point.id)) throw new DrStoreError(409, 'NO_RECOVERY_POINT', `${vm.name}: recovery point ${point.id} was dropped meanwhile (keep): ask again`);
+        const u = this.store.pin(vm.name); // for as long as the VM runs on this chain
+        this.store.markActivated(vm.name, { at: activatedAt, point: point.id, epoch: lease?.epoch ?? null });
+        return u;
+      });
       this.log.warn('DR FAILOVER: starting the VM at the DR site from a recovery point', { vm: vm.name, point: point.id, dataAgeS: Math.round((activatedAt - point.capturedAt) / 1000), guarantee });
       let booted;
       try {
@@ -288,7 +300,10 @@ export class DrTarget {
       if (r.status === 200 && r.body.granted) break;
       if (r.status !== 409) throw new Error(`witness answered HTTP ${r.status}${r.body.reason ? ': ' + r.body.reason : ''}`);
       if (r.body.epoch >= epoch) epoch = r.body.epoch + 1;
-      if (performance.now() - t0 > timeoutMs) throw new Error(`lease not granted within ${timeoutMs} ms: ${r.body.reason ?? 'refused'}`);
+      if (performance.now() - t0 > timeoutMs) {
+        if (r.body.expiresInMs > 0) throw new LeaseHeldError(`${r.body.holder} still holds a valid lease at epoch ${r.body.epoch} after ${timeoutMs} ms`);
+        throw new Error(`lease not granted within ${timeoutMs} ms: ${r.body.reason ?? 'refused'}`);
+      }
       await new Promise((res) => setTimeout(res, Math.min(Math.max(50, r.body.retryAfterMs ?? 100), 2000)));
     }
     this.keepLease(vm, epoch);
