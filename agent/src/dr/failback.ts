@@ -4,10 +4,11 @@
 //   final — the VM's own disk here (its overlay on that point), once the VM is stopped: only
 //           the chunks that differ from what the seed left cross.
 // Each source is a read-only qemu-nbd on a unix socket, opened on demand and closed at deactivate.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { serveOverNbd } from './qemu-nbd.ts';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { NbdClient } from '../nbd/client.ts';
+import type { NbdClient } from '../nbd/client.ts';
 import { DrStoreError } from './store.ts';
 
 export type FailbackStage = 'seed' | 'final';
@@ -37,14 +38,8 @@ export class FailbackSources {
     if (!existsSync(file)) throw new DrStoreError(404, 'NO_SOURCE', `${vm}: ${file} does not exist`);
     const sock = join(dir, `failback-${stage}.sock`);
     rmSync(sock, { force: true });
-    const proc = spawn(this.nbdBinary, ['--socket', sock, '--format', 'qcow2', '--read-only', '--shared', '4', '--persistent', file], { stdio: 'ignore' });
-    proc.on('error', () => undefined); // a missing binary: the wait below times out with a clear error
-    let nbd: NbdClient | null = null;
-    for (let i = 0; i < 200 && !nbd && proc.exitCode === null; i++) {
-      if (existsSync(sock)) nbd = await NbdClient.connect({ path: sock }, '', 5000).catch(() => null);
-      if (!nbd) await new Promise((r) => setTimeout(r, 50));
-    }
-    if (!nbd) { proc.kill('SIGKILL'); throw new DrStoreError(500, 'DR_STORE_FAILED', `qemu-nbd did not serve ${file}`); }
+    const { proc, nbd } = await serveOverNbd(this.nbdBinary, sock, ['--format', 'qcow2', '--read-only', '--shared', '4', '--persistent', file])
+      .catch(() => { throw new DrStoreError(500, 'DR_STORE_FAILED', `qemu-nbd did not serve ${file}`); });
     this.open.set(key, { proc, nbd, sock });
     return nbd;
   }

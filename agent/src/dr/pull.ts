@@ -8,13 +8,11 @@
 //   --final:         from the VM's own disk at the DR site, once it is stopped there; then this
 //                    node's state records the DR epoch as its own promotion, so this node is
 //                    elected (its disk is the newest) and asks the witness for a newer epoch.
-import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { Agent, request } from 'undici';
 import { readFileSync } from 'node:fs';
 import type { Config, VmConfig } from '../config/schema.ts';
-import { NbdClient } from '../nbd/client.ts';
+import { serveOverNbd, stopProcess } from './qemu-nbd.ts';
 import { chunkDigests, differingChunks } from '../nbd/checksums.ts';
 import { StateStore } from '../state/store.ts';
 import { isSameProcessAlive, type ProcessRecord } from '../qemu/process.ts';
@@ -50,14 +48,10 @@ export async function drPull(c: Config, vm: VmConfig, final: boolean, say: (line
   const info = JSON.parse((await call('GET', `/v1/dr/vms/${vm.name}`)).toString('utf8')) as VmPoints;
   if (!info.activated) throw new FtkvmError('DR_NOT_ACTIVATED', `${vm.name} does not run at the DR site: nothing to fail back`);
   const sock = join(paths.dir, 'dr-pull.sock');
-  const nbdProc = spawn(join(dirname(c.qemu.img_binary), 'qemu-nbd') /* shipped with qemu-img */, ['--socket', sock, '--format', vm.disk.format, '--cache', 'writeback', '--persistent', vm.disk.path], { stdio: 'ignore' });
-  let local: NbdClient | null = null;
+  // qemu-nbd is shipped with qemu-img
+  const { proc: nbdProc, nbd: local } = await serveOverNbd(join(dirname(c.qemu.img_binary), 'qemu-nbd'), sock, ['--format', vm.disk.format, '--cache', 'writeback', '--persistent', vm.disk.path])
+    .catch(async () => { await dispatcher.close(); throw new FtkvmError('NBD_FAILED', `qemu-nbd did not serve ${vm.disk.path}`); });
   try {
-    for (let i = 0; i < 200 && !local && nbdProc.exitCode === null; i++) {
-      if (existsSync(sock)) local = await NbdClient.connect({ path: sock }, '', 5000).catch(() => null);
-      if (!local) await new Promise((r) => setTimeout(r, 50));
-    }
-    if (!local) throw new FtkvmError('NBD_FAILED', `qemu-nbd did not serve ${vm.disk.path}`);
     say(`${vm.name}: digesting this host's disk and the DR site's (${stage}), ${(local.size / 2 ** 20).toFixed(0)} MiB each`);
     const [remote, mine] = await Promise.all([
       call('POST', `/v1/dr/vms/${vm.name}/failback/digests`, { stage, chunkBytes: DR_CHUNK_BYTES }),
@@ -65,7 +59,7 @@ export async function drPull(c: Config, vm: VmConfig, final: boolean, say: (line
     ]);
     if (remote.length !== mine.length) throw new FtkvmError('DISK_SIZE_DIFFERS', `${vm.name}: the disk here (${local.size} bytes) is not the DR site's size: resize it (qemu-img resize) or create an empty one of that size`);
     const diff = differingChunks(mine, remote);
-    const differing = diff.reduce((s, i) => s + Math.min(DR_CHUNK_BYTES, local!.size - i * DR_CHUNK_BYTES), 0);
+    const differing = diff.reduce((s, i) => s + Math.min(DR_CHUNK_BYTES, local.size - i * DR_CHUNK_BYTES), 0);
     say(`${vm.name}: ${diff.length} chunks differ (${(differing / 2 ** 20).toFixed(1)} MiB); copying`);
     let copied = 0, lastSay = performance.now();
     for (const i of diff) {
@@ -86,9 +80,8 @@ export async function drPull(c: Config, vm: VmConfig, final: boolean, say: (line
     }
     return { vm: vm.name, stage, diskBytes: local.size, differingBytes: differing, copiedBytes: copied, ms: Math.round(performance.now() - t0), epoch };
   } finally {
-    local?.close();
-    nbdProc.kill('SIGTERM');
-    await new Promise((r) => (nbdProc.exitCode !== null ? r(null) : nbdProc.once('exit', r)));
+    local.close();
+    await stopProcess(nbdProc);
     await dispatcher.close();
   }
 }

@@ -10,7 +10,7 @@
 // manifest's points intact and at most a pending file, deleted at start.
 // `keep`: the oldest point beyond it is dropped by committing the next point's overlay into it
 // (qemu-img commit), after the manifest stopped listing it; never while a boot reads the chain.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomUUID } from 'node:crypto';
@@ -18,7 +18,8 @@ import type { Logger } from '../log/logger.ts';
 import type { Exec } from '../util/exec.ts';
 import { FtkvmError, errorMessage } from '../util/errors.ts';
 import { readJsonFile, writeFileAtomic } from '../state/atomic.ts';
-import { NbdClient } from '../nbd/client.ts';
+import type { NbdClient } from '../nbd/client.ts';
+import { serveOverNbd, stopProcess } from './qemu-nbd.ts';
 import { chunkDigests } from '../nbd/checksums.ts';
 import type { RecoveryPoint, VmPoints } from './protocol.ts';
 
@@ -118,17 +119,9 @@ export class DrStore {
       const base = newest && newest.sizeBytes === b.sizeBytes ? newest : null;
       await this.d.exec(this.d.imgBinary, ['create', '-q', '-f', 'qcow2', ...(base ? ['-b', base.file, '-F', 'qcow2'] : []), file, String(b.sizeBytes)], { timeoutMs: 60_000 });
       // Zeroes written become zero clusters (sparse, and correct over a backing file).
-      const proc: ChildProcess = spawn(this.d.nbdBinary, ['--socket', sock, '--format', 'qcow2', '--cache', 'writeback', '--discard', 'unmap', '--detect-zeroes', 'unmap', '--persistent', file], { stdio: ['ignore', 'ignore', 'pipe'] });
-      let stderr = '';
-      proc.on('error', (e) => { stderr += `${e.message}\n`; });
-      proc.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
-      let nbd: NbdClient | null = null;
-      for (let i = 0; i < 200 && !nbd; i++) {
-        if (proc.exitCode !== null) break;
-        if (existsSync(sock)) nbd = await NbdClient.connect({ path: sock }, '', 5000).catch(() => null);
-        if (!nbd) await new Promise((r) => setTimeout(r, 50));
-      }
-      if (!nbd) { proc.kill('SIGKILL'); rmSync(file, { force: true }); throw new DrStoreError(500, 'DR_STORE_FAILED', `qemu-nbd did not serve ${file}: ${stderr.trim() || 'no answer within 10 s'}`); }
+      const served = await serveOverNbd(this.d.nbdBinary, sock, ['--format', 'qcow2', '--cache', 'writeback', '--discard', 'unmap', '--detect-zeroes', 'unmap', '--persistent', file])
+        .catch((e: Error) => { rmSync(file, { force: true }); throw new DrStoreError(500, 'DR_STORE_FAILED', `qemu-nbd did not serve ${file}: ${e.message}`); });
+      const { proc, nbd } = served;
       const key = `${vm}/${id}`;
       this.pending.set(key, { id: key, file, sock, proc, nbd, sizeBytes: b.sizeBytes, capturedAt: b.capturedAt, from: b.from, epoch: b.epoch, keep: b.keep, base: base?.id ?? null, written: 0, touchedMono: performance.now(), inUse: 0 });
       this.d.log.info('DR: receiving a recovery point', { vm, id, from: b.from, epoch: b.epoch, on: base?.id ?? 'nothing (a new chain)' });
@@ -259,13 +252,4 @@ export class DrStore {
 function fsyncFile(path: string): void {
   const fd = openSync(path, 'r+');
   try { fsyncSync(fd); } finally { closeSync(fd); }
-}
-
-function stopProcess(p: ChildProcess, timeoutMs = 10_000): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.once('exit', () => { clearTimeout(t); resolve(); });
-    p.kill('SIGTERM');
-  });
 }
